@@ -1,0 +1,159 @@
+"""The model: config derivation, parameter counts, loss semantics, masks, KV-cache protocol."""
+import pytest
+import torch
+
+import nanochat.gpt as gpt_module
+from nanochat.flags import FlagError
+from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(depth=2, model_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=32, vocab_size=100)
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def build(config: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    # zero-initialised projections make every block the identity; perturb them so tests exercise attention
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(std=0.1)
+            block.mlp.c_proj.weight.normal_(std=0.1)
+        model.lm_head.weight.normal_(std=0.3)
+    return model
+
+
+class ListCache:
+    """The smallest object that speaks the KV-cache protocol in docs/internals.md."""
+
+    def __init__(self, depth):
+        self.keys, self.values, self.pos, self.depth = [None] * depth, [None] * depth, 0, depth
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer, k, v):
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+        self.keys[layer], self.values[layer] = k, v
+        if layer == self.depth - 1:
+            self.pos = k.size(2)
+        return k, v
+
+
+def test_ittybitty_shape_matches_design():
+    config = model_config(ModelFlags(depth=4, model_dim=512, head_dim=64), vocab_size=24576)
+    assert (config.num_heads, config.num_kv_heads) == (8, 8)
+    counts = GPT(config).num_params()
+    assert abs(counts["total"] - 37.7e6) < 0.05e6
+    for part in ("embedding", "blocks", "lm_head"):
+        assert abs(counts[part] - 12.58e6) < 0.01e6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (ModelFlags(depth=0), "--depth must be >= 1"),
+    (ModelFlags(depth=4, model_dim=500, num_heads=8, head_dim=64), "(8 × 64 = 512)"),
+    (ModelFlags(depth=1), "try --head_dim 64"),
+    (ModelFlags(depth=4, model_dim=512, head_dim=64, num_kv_heads=3), "must divide --num_heads 8"),
+    (ModelFlags(depth=2, head_dim=7), "must be an even number"),
+])
+def test_inconsistent_flags_name_the_fix(flags, message):
+    with pytest.raises(FlagError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model_config(flags, vocab_size=1000)
+
+
+def test_vocab_is_padded_but_logits_are_not():
+    model = build(tiny_config(vocab_size=100))
+    assert model.lm_head.weight.shape[0] == 128
+    assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 100)
+
+
+def test_all_ignored_targets_give_zero_loss_and_finite_grads():
+    model = build(tiny_config())
+    idx = torch.randint(0, 100, (2, 8))
+    loss = model(idx, torch.full((2, 8), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_chunked_loss_equals_single_pass(monkeypatch):
+    model = build(tiny_config())
+    idx, targets = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    targets[0, :5] = -1
+    whole = model(idx, targets)
+    whole.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", 128 * 7)  # 7 rows per chunk
+    chunked = model(idx, targets)
+    chunked.backward()
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    for before, p in zip(grads, model.parameters()):
+        assert torch.allclose(before, p.grad, atol=1e-6)
+
+
+def test_loss_reductions_agree():
+    model = build(tiny_config())
+    idx, targets = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    targets[1, 3] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token[1, 3] == 0
+    assert torch.allclose(per_token.sum(), model(idx, targets, loss_reduction="sum"))
+    assert torch.allclose(per_token.sum() / 15, model(idx, targets))
+
+
+def test_overfits_one_batch():
+    model = build(tiny_config(num_kv_heads=4))
+    idx = torch.randint(0, 100, (2, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_kv_cache_matches_full_recompute(num_kv_heads):
+    model = build(tiny_config(num_kv_heads=num_kv_heads)).eval()
+    idx = torch.randint(0, 100, (3, 12))
+    with torch.no_grad():
+        full = model(idx)
+        cache = ListCache(model.config.depth)
+        prefill = model(idx[:, :7], kv_cache=cache)
+        steps = [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 12)]
+    incremental = torch.cat([prefill] + steps, dim=1)
+    assert torch.allclose(full, incremental, atol=1e-4)
+
+
+def test_doc_ids_keep_attention_inside_documents():
+    model = build(tiny_config()).eval()
+    second_doc = torch.randint(0, 100, (1, 6))
+    row = torch.cat([torch.randint(0, 100, (1, 5)), second_doc], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 6])
+    with torch.no_grad():
+        masked = model(row, doc_ids=doc_ids)[:, 5:]
+        alone = model(second_doc)
+        unmasked = model(row)[:, 5:]
+    # rotary makes attention relative, so a document alone equals the same document after a masked prefix
+    assert torch.allclose(masked, alone, atol=1e-4)
+    assert not torch.allclose(unmasked, alone, atol=1e-4)
+
+
+def test_context_overflow_is_a_clear_error():
+    model = build(tiny_config(max_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = build(tiny_config(tie_embeddings=True))
+    assert model.lm_head.weight is model.wte.weight
+    assert model.num_params()["lm_head"] == 0
