@@ -1,0 +1,158 @@
+"""The one download helper: every shard, eval set, chat file and bundle the project fetches goes through it.
+
+    download_file(url, dest, validate=validate_parquet, desc="shard 3")
+
+A download streams into a hidden temp file next to `dest`, checks its size against Content-Length, runs the
+optional validator, fsyncs, and only then renames onto `dest`. Timeouts, connection errors, cut bodies, 5xx/429
+and files that fail validation are retried with exponential backoff; other HTTP errors fail at once. Ctrl-C
+(or any error) removes the temp file, so `dest` is either absent, the old file, or complete and valid.
+"""
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.parquet as pq
+import requests
+from tqdm import tqdm
+
+from nanochat.common import UserError
+
+CHUNK_BYTES = 1 << 20
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# HF_TOKEN goes only to Hugging Face hosts: a mirror named by --url_template must never receive it.
+TOKEN_HOSTS = ("huggingface.co", "hf.co")
+
+
+class DownloadError(UserError):
+    """A download that did not produce a complete, valid file after every retry."""
+
+
+class RetryableError(Exception):
+    """One attempt failed in a way that may succeed on the next try."""
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN")
+    host = urlparse(url).hostname or ""
+    if token and any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def temp_path_for(dest: Path) -> Path:
+    """Hidden and suffixed, so shard globs (`shard_*.parquet`) and loaders never pick up a partial file."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+
+
+def validate_parquet(path: Path, columns: tuple[str, ...] = ("text",)) -> None:
+    """Raises ValueError unless the file opens as parquet (footer intact), has rows and the given columns."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises several types for a bad footer
+        raise ValueError(f"not a valid parquet file ({exc})") from exc
+    names = set(meta.schema.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"parquet file lacks column(s) {missing}; has {sorted(names)}")
+    if meta.num_rows == 0:
+        raise ValueError("parquet file has no rows")
+
+
+def validate_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"not a valid zip file ({exc})") from exc
+    if bad is not None:
+        raise ValueError(f"zip member {bad} is corrupt")
+
+
+def download_file(url: str, dest: Path | str, validate: Callable[[Path], None] | None = None,
+                  desc: str | None = None, retries: int = 5, timeout: float = 30.0, backoff_s: float = 1.0,
+                  overwrite: bool = False, progress: bool = True,
+                  on_bytes: Callable[[int], None] | None = None) -> Path:
+    """Fetch `url` to `dest` atomically and return `dest`.
+
+    An existing `dest` is kept when it passes `validate` (or when there is no validator) unless `overwrite`;
+    a damaged one is downloaded again. `validate(path)` raises (any exception) to reject a file. `retries` is
+    the number of extra attempts; attempt k waits `backoff_s * 2**k` seconds (capped at 60) before it starts.
+    `on_bytes(n)` is called per received chunk, for callers that draw one bar over many files.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        if validate is None:
+            return dest
+        try:
+            validate(dest)
+            return dest
+        except Exception:
+            pass  # damaged: fall through and fetch it again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(dest)
+    last_error = ""
+    try:
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(min(backoff_s * 2 ** (attempt - 1), 60.0))
+            try:
+                fetch_once(url, tmp, timeout, desc or dest.name, progress, on_bytes)
+                if validate is not None:
+                    try:
+                        validate(tmp)
+                    except Exception as exc:
+                        raise RetryableError(f"downloaded file failed validation: {exc}") from exc
+                os.replace(tmp, dest)
+                fsync_dir(dest.parent)
+                return dest
+            except RetryableError as exc:
+                last_error = str(exc)
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise DownloadError(f"could not download {url} after {retries + 1} tries: {last_error}")
+
+
+def fetch_once(url: str, tmp: Path, timeout: float, desc: str, progress: bool,
+               on_bytes: Callable[[int], None] | None) -> None:
+    """One attempt: stream the body into `tmp`, fsync it, and check the byte count against Content-Length."""
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers=auth_headers(url)) as response:
+            if response.status_code in RETRY_STATUS:
+                raise RetryableError(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise DownloadError(f"HTTP {response.status_code} for {url}; check the URL (or its mirror setting)")
+            # Content-Encoding would make Content-Length count compressed bytes; ask for the raw body instead.
+            expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+            expected = int(expected) if expected is not None and expected.isdigit() else None
+            received = 0
+            with open(tmp, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                                              desc=desc, disable=not progress, leave=False) as bar:
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+    if expected is not None and received != expected:
+        raise RetryableError(f"got {received} bytes, Content-Length said {expected}")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not every platform lets a directory be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
