@@ -41,7 +41,7 @@ nanochat_setup() {
     fi
 
     local target="$root"
-    [ -n "$extra" ] && target="$root[$extra]"
+    [ -n "$extra" ] && target="${root}[${extra}]"
     echo "setup: installing nanochat${extra:+[$extra]} (builds the rustbpe crate)"
     pip install -q -e "$target" || { echo "error: installing the project failed (see pip's output above)" >&2; return 2; }
 }

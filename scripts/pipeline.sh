@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one pipeline body behind speedrun.sh, ittybitty.sh and demo.sh. Those scripts only choose sizes;
+# every size below is an environment variable, so tests run the same pipeline at tiny scale on CPU.
+# Sourced (not executed) by the top-level scripts after they set their defaults.
+
+: "${DATA_SOURCE:=download}"        # download (FineWeb-Edu shards + public chat/eval data) | demo (package index)
+: "${NUM_SHARDS:=240}"              # pretraining shards to download (plus the validation shard)
+: "${FIRST_SHARDS:=8}"              # downloaded before the tokenizer; the rest follow in the background
+: "${VOCAB_SIZE:=65536}"
+: "${TOK_MAX_CHARS:=2000000000}"
+: "${DEPTH:=20}"
+: "${MODEL_DIM:=-1}"                # -1 = 64 x depth
+: "${HEAD_DIM:=128}"
+: "${MAX_SEQ_LEN:=2048}"
+: "${DEVICE_BATCH_SIZE:=32}"
+: "${TOTAL_BATCH_SIZE:=524288}"
+: "${BASE_ITERS:=-1}"               # -1 = from the param:data ratio
+: "${BASE_EVAL_EVERY:=250}"
+: "${BASE_SAVE_EVERY:=1000}"
+: "${MID_ITERS:=-1}"                # -1 = one epoch of the mixture
+: "${MID_DEVICE_BATCH_SIZE:=$DEVICE_BATCH_SIZE}"
+: "${SFT_ITERS:=-1}"                # -1 = --num_epochs of the SFT mixture
+: "${SFT_DEVICE_BATCH_SIZE:=4}"
+: "${LOSS_SPLIT_TOKENS:=10485760}"
+: "${CORE_MAX_PER_TASK:=-1}"        # -1 = every example
+: "${CHAT_EVAL_MAX:=-1}"            # -1 = every problem
+: "${RUN_RL:=0}"                    # 1 = also run chat_rl and chat_eval -i rl
+: "${WANDB_RUN:=dummy}"
+: "${NPROC_PER_NODE:=1}"
+: "${NNODES:=1}"
+: "${NODE_RANK:=0}"
+: "${MASTER_ADDR:=127.0.0.1}"
+: "${MASTER_PORT:=29500}"
+: "${GPU_HOURLY_COST:=0}"           # $/GPU-hour for the report's cost line
+
+MODEL_TAG="d$DEPTH"
+MODEL_FLAGS=(--depth="$DEPTH" --model_dim="$MODEL_DIM" --head_dim="$HEAD_DIM" --max_seq_len="$MAX_SEQ_LEN")
+
+# Run a training/eval stage: under torchrun when more than one process, plain python otherwise.
+launch() {
+    local module="$1"
+    shift
+    if [ "$NPROC_PER_NODE" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+        local rendezvous=(--standalone)
+        if [ "$NNODES" -gt 1 ]; then
+            rendezvous=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
+                        --master_port="$MASTER_PORT")
+        fi
+        torchrun "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" -m "$module" "$@"
+    else
+        python -m "$module" "$@"
+    fi
+}
+
+run_pipeline() {
+    # shellcheck source=scripts/setup.sh
+    source scripts/setup.sh
+    # shellcheck source=scripts/stages.sh
+    source scripts/stages.sh
+    echo "pipeline: base dir $NANOCHAT_BASE_DIR; data $DATA_SOURCE; model $MODEL_TAG; $NNODES node(s) x $NPROC_PER_NODE process(es)"
+
+    stage report_reset python -m nanochat.report reset
+    local shard_pid=""
+    if [ "$DATA_SOURCE" = demo ]; then
+        stage demo_data python -m nanochat.dataset --source demo --what all
+    else
+        stage shards_first python -m nanochat.dataset -n "$FIRST_SHARDS"
+        if [ ! -f "$PIPELINE_MARKS/shards_all.done" ]; then
+            python -m nanochat.dataset -n "$NUM_SHARDS" > "$NANOCHAT_BASE_DIR/shards_download.log" 2>&1 &
+            shard_pid=$!
+        fi
+    fi
+    stage tok_train python -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS"
+    stage tok_eval python -m scripts.tok_eval
+    if [ "$DATA_SOURCE" != demo ]; then
+        stage eval_bundle python -m scripts.base_eval --download_only
+    fi
+    if [ -n "$shard_pid" ]; then
+        echo "pipeline: waiting for the remaining shards (log: $NANOCHAT_BASE_DIR/shards_download.log)"
+        stage shards_all wait "$shard_pid"
+    fi
+    if [ -n "${PRE_TRAIN_CHECK:-}" ]; then
+        stage preflight "$PRE_TRAIN_CHECK"
+    fi
+
+    local train=(--run="$WANDB_RUN" --model_tag="$MODEL_TAG")
+    # shellcheck disable=SC2046  # resume_flag prints nothing or one word
+    stage base_train launch scripts.base_train "${MODEL_FLAGS[@]}" "${train[@]}" \
+        --device_batch_size="$DEVICE_BATCH_SIZE" --total_batch_size="$TOTAL_BATCH_SIZE" \
+        --num_iterations="$BASE_ITERS" --eval_every="$BASE_EVAL_EVERY" --save_every="$BASE_SAVE_EVERY" \
+        $(resume_flag "$MODEL_TAG" base_checkpoints)
+    stage base_loss launch scripts.base_loss --model_tag="$MODEL_TAG" --device_batch_size="$DEVICE_BATCH_SIZE" \
+        --split_tokens="$LOSS_SPLIT_TOKENS"
+    stage base_eval launch scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
+    # shellcheck disable=SC2046
+    stage mid_train launch scripts.mid_train "${train[@]}" --device_batch_size="$MID_DEVICE_BATCH_SIZE" \
+        --total_batch_size="$TOTAL_BATCH_SIZE" --num_iterations="$MID_ITERS" $(resume_flag "$MODEL_TAG" mid_checkpoints)
+    stage chat_eval_mid launch scripts.chat_eval -i mid --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
+    # shellcheck disable=SC2046
+    stage chat_sft launch scripts.chat_sft "${train[@]}" --device_batch_size="$SFT_DEVICE_BATCH_SIZE" \
+        --num_iterations="$SFT_ITERS" $(resume_flag "$MODEL_TAG" chatsft_checkpoints)
+    stage chat_eval_sft launch scripts.chat_eval -i sft --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
+    if [ "$RUN_RL" = 1 ]; then
+        # shellcheck disable=SC2046
+        stage chat_rl launch scripts.chat_rl "${train[@]}" $(resume_flag "$MODEL_TAG" chatrl_checkpoints)
+        stage chat_eval_rl launch scripts.chat_eval -i rl --model_tag="$MODEL_TAG" -a GSM8K -x "$CHAT_EVAL_MAX"
+    fi
+    python -m nanochat.report generate --gpu_hourly_cost="$GPU_HOURLY_COST"
+    local source=sft
+    [ "$RUN_RL" = 1 ] && source=rl
+    echo "pipeline: finished in $(( $(date +%s) - PIPELINE_START ))s; the report card is in report.md"
+    echo "pipeline: chat in the browser:  python -m scripts.chat_web --source $source --model_tag=$MODEL_TAG"
+    echo "pipeline: or in the terminal:   python -m scripts.chat_cli --source $source --model_tag=$MODEL_TAG"
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Stage runner shared by speedrun.sh, ittybitty.sh and demo.sh.
+#   stage NAME CMD...   runs CMD unless NAME finished before (a marker in $NANOCHAT_BASE_DIR/pipeline/);
+#                       a failure stops the whole script with the stage's name.
+#   resume_flag TAG DIR prints --resume when DIR/TAG holds a checkpoint, so an interrupted run continues.
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+PIPELINE_MARKS="$NANOCHAT_BASE_DIR/pipeline"
+mkdir -p "$PIPELINE_MARKS"
+PIPELINE_START=$(date +%s)
+
+stage() {
+    local name="$1"
+    shift
+    if [ -f "$PIPELINE_MARKS/$name.done" ]; then
+        echo "== [$name] already done, skipping (delete $PIPELINE_MARKS/$name.done to redo it)"
+        return 0
+    fi
+    local started elapsed
+    started=$(date +%s)
+    echo "== [$name] $*"
+    if ! "$@"; then
+        echo "error: stage '$name' failed; fix the cause above and re-run this script: finished stages are skipped" >&2
+        exit 1
+    fi
+    elapsed=$(( $(date +%s) - started ))
+    echo "== [$name] done in ${elapsed}s (pipeline at $(( $(date +%s) - PIPELINE_START ))s)"
+    touch "$PIPELINE_MARKS/$name.done"
+}
+
+resume_flag() {
+    local tag="$1" dir="$2"
+    if compgen -G "$NANOCHAT_BASE_DIR/$dir/$tag/step_*/meta.json" >/dev/null; then
+        echo "--resume"
+    fi
+}
