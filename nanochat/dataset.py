@@ -26,13 +26,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.common import UserError, get_base_dir
-from nanochat.download import download_file, fsync_dir, temp_path_for, validate_parquet
+from nanochat.download import download_file, fsync_dir, hub_file_url, temp_path_for, validate_parquet
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 
 MAKE_SHARDS_HINT = ("make shards with `python -m nanochat.dataset -n 8` (download), "
                     "`--from_text PATH` (your own text) or `--source demo` (offline)")
-FINEWEB_URL_TEMPLATE = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
-                        "shard_{index:05d}.parquet")
+FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 FINEWEB_VAL_INDEX = 1822  # the last of the 1823 shards; nanochat users hold it out for validation
 ROW_GROUP_DOCS = 1024
 MAX_DOC_CHARS = 20_000
@@ -89,8 +88,10 @@ def iter_text_batches(split: str, start: int = 0, step: int = 1,
 # Download
 
 def resolve_url_template(url_template: str = "") -> str:
-    """--url_template, else $NANOCHAT_DATA_URL, else the public FineWeb-Edu shuffle; `{index}` is the shard."""
-    template = url_template or os.environ.get("NANOCHAT_DATA_URL") or FINEWEB_URL_TEMPLATE
+    """--url_template, else $NANOCHAT_DATA_URL, else the FineWeb-Edu shuffle on the Hub ($HF_ENDPOINT);
+    `{index}` is the shard."""
+    template = (url_template or os.environ.get("NANOCHAT_DATA_URL")
+                or hub_file_url(FINEWEB_REPO, "shard_{index:05d}.parquet"))
     try:
         template.format(index=0)
     except (KeyError, IndexError, ValueError) as exc:

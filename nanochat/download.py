@@ -24,7 +24,8 @@ from nanochat.common import UserError
 
 CHUNK_BYTES = 1 << 20
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-# HF_TOKEN goes only to Hugging Face hosts: a mirror named by --url_template must never receive it.
+# HF_TOKEN goes only to Hugging Face hosts and the $HF_ENDPOINT mirror: a mirror named by --url_template or
+# NANOCHAT_DATA_URL must never receive it.
 TOKEN_HOSTS = ("huggingface.co", "hf.co")
 
 
@@ -36,10 +37,23 @@ class RetryableError(Exception):
     """One attempt failed in a way that may succeed on the next try."""
 
 
+def hf_endpoint() -> str:
+    """`$HF_ENDPOINT` (the Hub's own mirror variable), default https://huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def hub_file_url(repo: str, path: str) -> str:
+    """URL of a file in a Hub dataset repo, e.g. hub_file_url("openai/gsm8k", "main/test-00000-of-00001.parquet")."""
+    return f"{hf_endpoint()}/datasets/{repo}/resolve/main/{path}"
+
+
 def auth_headers(url: str) -> dict[str, str]:
     token = os.environ.get("HF_TOKEN")
-    host = urlparse(url).hostname or ""
-    if token and any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS):
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    endpoint = urlparse(hf_endpoint())
+    to_endpoint = (host, parsed.port) == (endpoint.hostname, endpoint.port)
+    if token and (to_endpoint or any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS)):
         return {"Authorization": f"Bearer {token}"}
     return {}
 
@@ -156,3 +170,4 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+

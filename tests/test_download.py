@@ -7,7 +7,7 @@ import zipfile
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.download import (DownloadError, auth_headers, download_file, validate_parquet,
+from nanochat.download import (DownloadError, auth_headers, download_file, hub_file_url, validate_parquet,
                                validate_zip)
 
 SHARD = "shard_00000.parquet"
@@ -117,6 +117,10 @@ def test_hf_token_goes_only_to_hugging_face(served, out_dir, monkeypatch):
     fetch(server, out_dir / SHARD)
     (_, headers), = server.requests
     assert "Authorization" not in headers
+    monkeypatch.setenv("HF_ENDPOINT", server.url().rstrip("/"))
+    assert hub_file_url("a/b", "x.parquet") == server.url("datasets/a/b/resolve/main/x.parquet")
+    fetch(server, out_dir / SHARD, overwrite=True)
+    assert server.requests[-1][1]["Authorization"] == "Bearer secret"
 
 
 def test_zip_validator(out_dir):
