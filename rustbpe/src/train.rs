@@ -1,0 +1,185 @@
+//! Training: count unique chunks over a stream of text, then learn merges over the unique chunks.
+//!
+//! Memory grows with the number of distinct chunks, not with the corpus: a chunk seen a million times is
+//! one entry with count 1e6. The merge loop keeps exact pair counts and, for each pair, the chunks it may
+//! occur in, so each merge only touches the chunks that contain it.
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+
+use crate::{merge_in_place, pool, Pair, Result, Splitter, NUM_BYTE_TOKENS};
+
+/// How often each distinct chunk occurred in the text seen so far.
+#[derive(Debug, Clone)]
+pub struct ChunkCounts {
+    splitter: Splitter,
+    counts: FxHashMap<String, u64>,
+}
+
+impl ChunkCounts {
+    pub fn new(splitter: Splitter) -> Self {
+        ChunkCounts {
+            splitter,
+            counts: FxHashMap::default(),
+        }
+    }
+
+    pub fn splitter(&self) -> &Splitter {
+        &self.splitter
+    }
+
+    /// Number of distinct chunks.
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Splits and counts a batch of texts in parallel; only chunks new to the table are copied.
+    pub fn add_texts<S: AsRef<str> + Sync>(&mut self, texts: &[S]) -> Result<()> {
+        let splitter = &self.splitter;
+        let batch: FxHashMap<&str, u64> = pool::install(|| {
+            texts
+                .par_iter()
+                .try_fold(
+                    FxHashMap::default,
+                    |mut local: FxHashMap<&str, u64>, text| {
+                        splitter.for_each_chunk(text.as_ref(), |chunk| {
+                            *local.entry(chunk).or_default() += 1
+                        })?;
+                        Ok(local)
+                    },
+                )
+                .try_reduce(FxHashMap::default, |a, b| Ok(merge_counts(a, b)))
+        })?;
+        for (chunk, n) in batch {
+            match self.counts.get_mut(chunk) {
+                Some(total) => *total += n,
+                None => {
+                    self.counts.insert(chunk.to_owned(), n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.counts.iter().map(|(chunk, &n)| (chunk.as_str(), n))
+    }
+}
+
+fn merge_counts<'a>(
+    mut a: FxHashMap<&'a str, u64>,
+    mut b: FxHashMap<&'a str, u64>,
+) -> FxHashMap<&'a str, u64> {
+    if a.len() < b.len() {
+        std::mem::swap(&mut a, &mut b);
+    }
+    for (chunk, n) in b {
+        *a.entry(chunk).or_default() += n;
+    }
+    a
+}
+
+/// A heap entry: the pair's count when pushed, which may since have dropped (it is then re-checked).
+#[derive(Debug, PartialEq, Eq)]
+struct Candidate {
+    count: i64,
+    pair: Pair,
+}
+
+impl Ord for Candidate {
+    /// Max-heap order: higher count first; on equal counts the smaller pair comes first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.count
+            .cmp(&other.count)
+            .then_with(|| other.pair.cmp(&self.pair))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Learns up to `num_merges` merges: each time the most frequent adjacent pair (ties: the smaller pair).
+///
+/// Counts never rise after a pair first appears (every pair a merge creates contains the new id), so a
+/// lazily updated max-heap is exact: a popped entry whose count is stale is re-pushed with the true count.
+pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
+    let mut words: Vec<Vec<u32>> = Vec::with_capacity(counts.len());
+    let mut weights: Vec<i64> = Vec::with_capacity(counts.len());
+    for (chunk, n) in counts.iter() {
+        if chunk.len() >= 2 {
+            words.push(chunk.bytes().map(u32::from).collect());
+            weights.push(n as i64);
+        }
+    }
+
+    let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
+    let mut occurs_in: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
+    for (w, (ids, &weight)) in words.iter().zip(&weights).enumerate() {
+        for pair in ids.windows(2).map(|p| (p[0], p[1])) {
+            *pair_counts.entry(pair).or_default() += weight;
+            let list = occurs_in.entry(pair).or_default();
+            if list.last() != Some(&(w as u32)) {
+                list.push(w as u32);
+            }
+        }
+    }
+    let mut heap: BinaryHeap<Candidate> = pair_counts
+        .iter()
+        .map(|(&pair, &count)| Candidate { count, pair })
+        .collect();
+
+    let mut merges = Vec::with_capacity(num_merges);
+    let mut created: Vec<Pair> = Vec::new();
+    while merges.len() < num_merges {
+        let Some(top) = heap.pop() else { break };
+        let count = pair_counts.get(&top.pair).copied().unwrap_or(0);
+        if count <= 0 {
+            continue;
+        }
+        if count != top.count {
+            heap.push(Candidate {
+                count,
+                pair: top.pair,
+            });
+            continue;
+        }
+        let new_id = NUM_BYTE_TOKENS + merges.len() as u32;
+        merges.push(top.pair);
+        pair_counts.remove(&top.pair);
+        for w in occurs_in.remove(&top.pair).unwrap_or_default() {
+            let weight = weights[w as usize];
+            merge_in_place(&mut words[w as usize], top.pair, new_id, |pair, delta| {
+                if pair == top.pair {
+                    return;
+                }
+                let count = pair_counts.entry(pair).or_default();
+                if delta > 0 {
+                    if *count == 0 {
+                        created.push(pair);
+                    }
+                    let list = occurs_in.entry(pair).or_default();
+                    if list.last() != Some(&w) {
+                        list.push(w);
+                    }
+                }
+                *count += delta * weight;
+            });
+        }
+        for pair in created.drain(..) {
+            heap.push(Candidate {
+                count: pair_counts[&pair],
+                pair,
+            });
+        }
+    }
+    merges
+}
