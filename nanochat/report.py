@@ -1,0 +1,294 @@
+"""The report card: every stage logs a section; `generate` assembles report.md with the summary table and plots.
+
+    from nanochat import report
+    report.log_section("Base eval", [{"CORE": 0.21}, table_markdown], source="base",
+                       metrics={"CORE": 0.21}, wall_time_s=812.0)
+
+    python -m nanochat.report reset                        # start a new run's report (clears report/)
+    python -m nanochat.report generate --gpu_hour_cost 3   # write report/report.md and ./report.md
+
+Sections live in `$NANOCHAT_BASE_DIR/report/` as `<slug>.md` (the markdown) plus `<slug>.json` (title, metrics
+for the summary table, wall time, when). Logging the same title again replaces that section. Only rank 0 writes.
+Plots are drawn from the trainer's `train_log.jsonl` files in the checkpoint directories. Anything missing shows
+as "–" and never stops `generate`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanochat.common import UserError, get_base_dir, get_rank
+from nanochat.flags import flag, parse_flags, run_main
+
+SOURCES = ("base", "mid", "sft", "rl")
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                   "rl": "chatrl_checkpoints"}
+SUMMARY_METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+MISSING = "–"
+CODE_DIRS = ("nanochat", "scripts", "tasks", "rustbpe/src", "tests", "bench")
+CODE_SUFFIXES = (".py", ".rs", ".html", ".js", ".css", ".sh")
+STARTED_FILE = "started.txt"
+
+
+def report_dir() -> Path:
+    directory = get_base_dir() / "report"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Temp file + fsync + rename: a crash leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def slugify(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_data(data) -> str:
+    """Dicts become `- key: value` lists, strings stay markdown; a list may mix both."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    blocks = []
+    for item in items:
+        if isinstance(item, dict):
+            blocks.append("\n".join(f"- {key}: {format_value(value)}" for key, value in item.items()))
+        else:
+            blocks.append(str(item).strip())
+    return "\n\n".join(block for block in blocks if block)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(format_value(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log_section(title: str, data=(), *, source: str | None = None, metrics: dict[str, float] | None = None,
+                wall_time_s: float | None = None) -> Path | None:
+    """Write (or replace) the section `title`. `metrics` fill the summary table's `source` column
+    (base|mid|sft|rl); `wall_time_s` counts toward the time and cost estimate. Returns the .md path (rank 0)."""
+    if get_rank() != 0:
+        return None
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"report source must be one of {SOURCES}, got {source!r}")
+    directory = report_dir()
+    slug = slugify(title)
+    body = render_data(data)
+    write_atomic(directory / f"{slug}.md", f"## {title}\n\n{body}\n")
+    sidecar = {"title": title, "source": source, "metrics": metrics or {}, "wall_time_s": wall_time_s,
+               "logged_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    write_atomic(directory / f"{slug}.json", json.dumps(sidecar, indent=1))
+    return directory / f"{slug}.md"
+
+
+def reset() -> None:
+    """Start a fresh report: drop every section and plot, remember when the run started."""
+    directory = report_dir()
+    for path in directory.iterdir():
+        if path.is_file() and path.suffix in (".md", ".json", ".png"):
+            path.unlink()
+    write_atomic(directory / STARTED_FILE, datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def load_sections(directory: Path) -> list[dict]:
+    sections = []
+    for sidecar in sorted(directory.glob("*.json")):
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            meta["markdown"] = sidecar.with_suffix(".md").read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            continue
+        sections.append(meta)
+    sections.sort(key=lambda s: s.get("logged_at") or "")
+    return sections
+
+
+def summary_table(sections: list[dict]) -> str:
+    values: dict[tuple[str, str], float] = {}
+    for section in sections:
+        for name, value in (section.get("metrics") or {}).items():
+            if section.get("source") in SOURCES and name in SUMMARY_METRICS:
+                values[(name, section["source"])] = value
+    rows = [[name] + [values.get((name, source), MISSING) for source in SOURCES] for name in SUMMARY_METRICS]
+    return markdown_table(["Metric"] + [s.upper() for s in SOURCES], rows)
+
+
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10, cwd=repo).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=repo).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return MISSING
+    return commit + (" (dirty)" if dirty else "")
+
+
+def environment() -> dict:
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "Git commit": git_commit(),
+        "Platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "CPUs": os.cpu_count(),
+        "GPUs": f"{len(gpus)} × {gpus[0]}" if gpus else "none",
+        "Python": platform.python_version(),
+        "torch": torch.__version__,
+        "CUDA": torch.version.cuda or "none",
+    }
+
+
+def code_size(root: Path) -> dict:
+    files = lines = chars = 0
+    for directory in CODE_DIRS:
+        for path in (root / directory).rglob("*"):
+            if path.is_file() and path.suffix in CODE_SUFFIXES and ".venv" not in path.parts:
+                text = path.read_text(encoding="utf-8", errors="replace")
+                files, lines, chars = files + 1, lines + text.count("\n"), chars + len(text)
+    return {"Files": files, "Lines": lines, "Characters": chars}
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def time_and_cost(sections: list[dict], gpu_hour_cost: float, num_gpus: int) -> str:
+    rows, total = [], 0.0
+    for section in sections:
+        wall = section.get("wall_time_s")
+        rows.append([section["title"], format_duration(wall) if wall is not None else MISSING])
+        total += wall or 0.0
+    rows.append(["**Total**", format_duration(total)])
+    cost = total / 3600 * num_gpus * gpu_hour_cost
+    return (markdown_table(["Stage", "Wall time"], rows)
+            + f"\n\nEstimated cost: ${cost:,.2f} ({num_gpus} GPU(s) × ${gpu_hour_cost:g}/GPU-hour × "
+              f"{total / 3600:.2f} h)")
+
+
+def read_train_log(source: str) -> list[dict]:
+    """The newest tag's train_log.jsonl for a stage, or [] when the stage never ran."""
+    stage_dir = get_base_dir() / CHECKPOINT_DIRS[source]
+    logs = sorted(stage_dir.glob("*/train_log.jsonl"), key=lambda p: p.stat().st_mtime) if stage_dir.is_dir() else []
+    if not logs:
+        return []
+    records = []
+    for line in logs[-1].read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def plot_curves(directory: Path) -> list[tuple[str, str]]:
+    """Training loss and val bpb per stage as PNGs; returns (caption, file name) for the plots drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {source: read_train_log(source) for source in SOURCES}
+    drawn = []
+    for key, caption, file_name in (("loss", "Training loss", "train_loss.png"),
+                                    ("bpb", "Validation bits per byte", "val_bpb.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        plotted = False
+        for source, records in logs.items():
+            points = [(r["step"], value) for r in records for name, value in r.items()
+                      if "step" in r and isinstance(value, (int, float))
+                      and (name == "loss" if key == "loss" else name.endswith("bpb"))]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="." if key == "bpb" else None, label=source)
+                plotted = True
+        if plotted:
+            ax.set_xlabel("step")
+            ax.set_ylabel(caption)
+            ax.set_title(caption)
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            tmp = directory / f".{file_name}.tmp.png"
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, directory / file_name)
+            drawn.append((caption, file_name))
+        plt.close(fig)
+    return drawn
+
+
+def generate(gpu_hour_cost: float = 3.0, num_gpus: int | None = None, copy_to: Path | None = None) -> Path:
+    """Assemble report/report.md (and copy it to `copy_to`, default the working dir); returns its path."""
+    directory = report_dir()
+    sections = [s for s in load_sections(directory) if s.get("title")]
+    num_gpus = num_gpus if num_gpus is not None else max(1, torch.cuda.device_count())
+    plots = plot_curves(directory)
+    started = directory / STARTED_FILE
+    started_at = started.read_text().strip() if started.exists() else MISSING
+    parts = [
+        "# nanochat report",
+        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')}; run started {started_at}.",
+        "## Environment\n\n" + render_data(environment()),
+        "## Code size\n\n" + render_data(code_size(Path(__file__).resolve().parents[1])),
+        "## Summary\n\n" + summary_table(sections),
+        "## Time and cost\n\n" + time_and_cost(sections, gpu_hour_cost, num_gpus),
+        "## Plots\n\n" + ("\n\n".join(f"![{caption}]({name})" for caption, name in plots)
+                          if plots else "No training logs found."),
+    ]
+    parts += [section["markdown"].strip() for section in sections]
+    out = directory / "report.md"
+    write_atomic(out, "\n\n".join(parts) + "\n")
+    destination = Path(copy_to) if copy_to is not None else Path.cwd()
+    if destination.resolve() != directory.resolve():
+        shutil.copyfile(out, destination / "report.md")
+        for _, name in plots:
+            shutil.copyfile(directory / name, destination / name)
+    return out
+
+
+@dataclass
+class ReportFlags:
+    """python -m nanochat.report reset|generate [flags]"""
+    gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate")
+    num_gpus: int = flag(-1, "GPUs the run used, for the cost estimate; -1 = the GPUs visible now (min 1)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("reset", "generate"):
+        raise UserError("usage: python -m nanochat.report reset|generate [--gpu_hour_cost X] [--num_gpus N]")
+    flags = parse_flags(ReportFlags, argv[1:])
+    if argv[0] == "reset":
+        reset()
+        print(f"report reset in {report_dir()}")
+    else:
+        path = generate(flags.gpu_hour_cost, None if flags.num_gpus < 0 else flags.num_gpus)
+        print(f"wrote {path} and {Path.cwd() / 'report.md'}")
+
+
+if __name__ == "__main__":
+    run_main(main)
