@@ -72,16 +72,21 @@ def open_shard(path: Path) -> pq.ParquetFile:
     return parquet
 
 
+def row_groups(split: str, directory: Path | None = None) -> list[tuple[Path, int]]:
+    """Every (shard, row group) of the split in reading order; rank r of w takes entries r, r+w, ..."""
+    return [(path, group) for path in split_shards(split, directory)
+            for group in range(open_shard(path).num_row_groups)]
+
+
+def read_row_group(path: Path, group: int) -> list[str]:
+    return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
+
+
 def iter_text_batches(split: str, start: int = 0, step: int = 1,
                       directory: Path | None = None) -> Iterator[list[str]]:
     """Yield the `text` column of row groups start, start+step, ... across the split's shards, in order."""
-    index = 0
-    for path in split_shards(split, directory):
-        parquet = open_shard(path)
-        for group in range(parquet.num_row_groups):
-            if index % step == start:
-                yield parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
-            index += 1
+    for path, group in row_groups(split, directory)[start::step]:
+        yield read_row_group(path, group)
 
 
 # ---------------------------------------------------------------------------------------------------------

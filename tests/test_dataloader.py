@@ -1,0 +1,144 @@
+"""PretrainLoader: BOS-aligned best-fit packing, doc ids, rank split, exact resume (also under torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.dataloader import PretrainLoader
+from nanochat.dataset import read_row_group
+from nanochat.tokenizer import Tokenizer
+
+ROW_GROUP = 10
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    """Real pretraining text cut small: 2 train shards of 6 row groups each and a val shard of 3."""
+    texts = pq.ParquetFile(shared_data / "pretrain" / "shard_00000.parquet").read_row_group(0).column("text")
+    docs = [t[: 100 + 37 * i % 700] for i, t in enumerate(texts.to_pylist()[:150])]
+    directory = tmp_path_factory.mktemp("loader_shards")
+    for index, part in enumerate((docs[:60], docs[60:120], docs[120:150])):
+        pq.write_table(pa.table({"text": part}), directory / f"shard_{index:05d}.parquet", row_group_size=ROW_GROUP)
+    tokenizer = Tokenizer.train_from_iterator(docs, vocab_size=400)
+    return directory, tokenizer
+
+
+def make(corpus, **kwargs):
+    directory, tokenizer = corpus
+    kwargs = {"batch_size": 3, "seq_len": 64, "buffer_docs": 8, "directory": directory, **kwargs}
+    return PretrainLoader(tokenizer, **kwargs)
+
+
+def document_tokens(corpus, groups):
+    directory, tokenizer = corpus
+    return {tuple(tokenizer.encode(text, prepend=tokenizer.bos_token_id))
+            for path, group in groups for text in read_row_group(path, group)}
+
+
+def segments(row, bos):
+    starts = [i for i, t in enumerate(row) if t == bos]
+    return [tuple(row[a:b]) for a, b in zip(starts, starts[1:] + [len(row)])]
+
+
+def test_rows_are_whole_documents_plus_one_crop(corpus):
+    loader = make(corpus)
+    bos = corpus[1].bos_token_id
+    docs = document_tokens(corpus, loader.groups)
+    cropped = 0
+    for _ in range(15):
+        inputs, targets = next(loader)
+        assert inputs.shape == targets.shape == (3, 64) and inputs.dtype == torch.int64
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        for row in torch.cat([inputs, targets[:, -1:]], dim=1).tolist():
+            assert row[0] == bos
+            *whole, last = segments(row, bos)
+            assert all(segment in docs for segment in whole)
+            if last not in docs:
+                assert any(doc[:len(last)] == last for doc in docs)
+                cropped += 1
+    assert cropped > 0  # the data has documents longer than the space left in a row
+
+
+def test_doc_ids_number_documents_within_each_row(corpus):
+    loader = make(corpus, doc_mask=True)
+    bos = corpus[1].bos_token_id
+    for _ in range(5):
+        inputs, targets, doc_ids = next(loader)
+        assert doc_ids.shape == inputs.shape
+        for tokens, ids in zip(inputs.tolist(), doc_ids.tolist()):
+            expected, current = [], -1
+            for token in tokens:
+                current += token == bos
+                expected.append(current)
+            assert ids == expected
+
+
+@pytest.mark.parametrize("split_at, total", [(10, 20), (37, 60)])
+def test_exact_resume(corpus, split_at, total):
+    straight = make(corpus, doc_mask=True)
+    reference = [next(straight) for _ in range(total)]
+    assert straight.state_dict()["epoch"] >= (1 if total == 60 else 0)
+    first = make(corpus, doc_mask=True)
+    got = [next(first) for _ in range(split_at)]
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    second = make(corpus, doc_mask=True)
+    second.load_state_dict(state)
+    got += [next(second) for _ in range(total - split_at)]
+    for want, have in zip(reference, got):
+        assert all(torch.equal(a, b) for a, b in zip(want, have))
+
+
+def test_ranks_read_disjoint_row_groups(corpus):
+    loaders = [make(corpus, rank=r, world_size=2) for r in range(2)]
+    assert [len(loader.groups) for loader in loaders] == [6, 6]
+    all_groups = make(corpus).groups
+    assert loaders[0].groups == all_groups[0::2] and loaders[1].groups == all_groups[1::2]
+    bos = corpus[1].bos_token_id
+    own = [document_tokens(corpus, loader.groups) for loader in loaders]
+    for rank, loader in enumerate(loaders):
+        whole = [s for _ in range(5) for row in next(loader)[0].tolist() for s in segments(row, bos)[:-1]]
+        assert whole and all(s in own[rank] and s not in own[1 - rank] for s in whole)
+
+
+def test_val_split_reads_last_shard(corpus):
+    loader = make(corpus, split="val")
+    assert {path.name for path, _ in loader.groups} == {"shard_00002.parquet"}
+    next(loader)
+
+
+def test_clear_errors(corpus, base_dir):
+    with pytest.raises(UserError, match="fewer than 4 ranks"):
+        make(corpus, split="val", rank=0, world_size=4)
+    state = make(corpus, rank=0, world_size=2).state_dict()
+    with pytest.raises(UserError, match="saved by rank 0 of 2 .*same number of ranks"):
+        make(corpus).load_state_dict(state)
+    with pytest.raises(UserError, match="python -m nanochat.dataset"):
+        PretrainLoader(corpus[1], batch_size=1, seq_len=8)  # base_dir has no shards
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_and_resume(corpus, base_dir, tmp_path):
+    directory, tokenizer = corpus
+    tokenizer.save(base_dir / "tokenizer")
+    os.symlink(directory, base_dir / "base_data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("dataloader_worker.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(worker), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["reference"] == seen["resumed"]
+        assert seen["total_groups"] == 12
+    assert not {tuple(g) for g in ranks[0]["groups"]} & {tuple(g) for g in ranks[1]["groups"]}
+    assert ranks[0]["reference"] != ranks[1]["reference"]
