@@ -1,0 +1,27 @@
+"""Helpers for the chat-training tests: a tiny tokenizer trained on real chat text, tiny checkpoints."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+from nanochat.tokenizer import Tokenizer
+
+SHARED_CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat"
+
+
+def chat_texts(limit: int = 300) -> list[str]:
+    """Message texts of the first `limit` shared validation conversations."""
+    with gzip.open(SHARED_CHAT / "val.jsonl.gz", "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in itertools.islice(handle, limit)]
+    return [m["content"] for row in rows for m in row["messages"]]
+
+
+def train_tiny_tokenizer(vocab_size: int = 512, extra_texts: list[str] | None = None) -> Tokenizer:
+    return Tokenizer.train_from_iterator(chat_texts() + (extra_texts or []), vocab_size)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
