@@ -5,7 +5,7 @@
                        metrics={"CORE": 0.21}, wall_time_s=812.0)
 
     python -m nanochat.report reset                        # start a new run's report (clears report/)
-    python -m nanochat.report generate --gpu_hour_cost 3   # write report/report.md and ./report.md
+    python -m nanochat.report generate --gpu_hourly_cost 3   # write report/report.md and ./report.md
 
 Sections live in `$NANOCHAT_BASE_DIR/report/` as `<slug>.md` (the markdown) plus `<slug>.json` (title, metrics
 for the summary table, wall time, when). Logging the same title again replaces that section. Only rank 0 writes.
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
+from nanochat.checkpoint import CHECKPOINT_DIRS
 from nanochat.common import UserError, get_base_dir, get_rank
 from nanochat.flags import flag, parse_flags, run_main
 
-SOURCES = ("base", "mid", "sft", "rl")
-CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-                   "rl": "chatrl_checkpoints"}
+SOURCES = tuple(CHECKPOINT_DIRS)  # base, mid, sft, rl: the summary-table columns
 SUMMARY_METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
 MISSING = "–"
 CODE_DIRS = ("nanochat", "scripts", "tasks", "rustbpe/src", "tests", "bench")
@@ -177,16 +176,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def time_and_cost(sections: list[dict], gpu_hour_cost: float, num_gpus: int) -> str:
+def time_and_cost(sections: list[dict], gpu_hourly_cost: float, num_gpus: int) -> str:
     rows, total = [], 0.0
     for section in sections:
         wall = section.get("wall_time_s")
         rows.append([section["title"], format_duration(wall) if wall is not None else MISSING])
         total += wall or 0.0
     rows.append(["**Total**", format_duration(total)])
-    cost = total / 3600 * num_gpus * gpu_hour_cost
+    cost = total / 3600 * num_gpus * gpu_hourly_cost
     return (markdown_table(["Stage", "Wall time"], rows)
-            + f"\n\nEstimated cost: ${cost:,.2f} ({num_gpus} GPU(s) × ${gpu_hour_cost:g}/GPU-hour × "
+            + f"\n\nEstimated cost: ${cost:,.2f} ({num_gpus} GPU(s) × ${gpu_hourly_cost:g}/GPU-hour × "
               f"{total / 3600:.2f} h)")
 
 
@@ -241,7 +240,7 @@ def plot_curves(directory: Path) -> list[tuple[str, str]]:
     return drawn
 
 
-def generate(gpu_hour_cost: float = 3.0, num_gpus: int | None = None, copy_to: Path | None = None) -> Path:
+def generate(gpu_hourly_cost: float = 3.0, num_gpus: int | None = None, copy_to: Path | None = None) -> Path:
     """Assemble report/report.md (and copy it to `copy_to`, default the working dir); returns its path."""
     directory = report_dir()
     sections = [s for s in load_sections(directory) if s.get("title")]
@@ -255,7 +254,7 @@ def generate(gpu_hour_cost: float = 3.0, num_gpus: int | None = None, copy_to: P
         "## Environment\n\n" + render_data(environment()),
         "## Code size\n\n" + render_data(code_size(Path(__file__).resolve().parents[1])),
         "## Summary\n\n" + summary_table(sections),
-        "## Time and cost\n\n" + time_and_cost(sections, gpu_hour_cost, num_gpus),
+        "## Time and cost\n\n" + time_and_cost(sections, gpu_hourly_cost, num_gpus),
         "## Plots\n\n" + ("\n\n".join(f"![{caption}]({name})" for caption, name in plots)
                           if plots else "No training logs found."),
     ]
@@ -273,20 +272,20 @@ def generate(gpu_hour_cost: float = 3.0, num_gpus: int | None = None, copy_to: P
 @dataclass
 class ReportFlags:
     """python -m nanochat.report reset|generate [flags]"""
-    gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate")
+    gpu_hourly_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate")
     num_gpus: int = flag(-1, "GPUs the run used, for the cost estimate; -1 = the GPUs visible now (min 1)")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("reset", "generate"):
-        raise UserError("usage: python -m nanochat.report reset|generate [--gpu_hour_cost X] [--num_gpus N]")
+        raise UserError("usage: python -m nanochat.report reset|generate [--gpu_hourly_cost X] [--num_gpus N]")
     flags = parse_flags(ReportFlags, argv[1:])
     if argv[0] == "reset":
         reset()
         print(f"report reset in {report_dir()}")
     else:
-        path = generate(flags.gpu_hour_cost, None if flags.num_gpus < 0 else flags.num_gpus)
+        path = generate(flags.gpu_hourly_cost, None if flags.num_gpus < 0 else flags.num_gpus)
         print(f"wrote {path} and {Path.cwd() / 'report.md'}")
 
 

@@ -23,7 +23,7 @@ def test_generate_with_some_stages_missing(base_dir, tmp_path):
                     + [{"step": 0, "val_bpb": 2.5}, {"step": 9, "val_bpb": 2.1}])
     out_dir = tmp_path / "cwd"
     out_dir.mkdir()
-    path = report.generate(gpu_hour_cost=2.0, num_gpus=8, copy_to=out_dir)
+    path = report.generate(gpu_hourly_cost=2.0, num_gpus=8, copy_to=out_dir)
     text = path.read_text()
     assert (out_dir / "report.md").read_text() == text
 
@@ -67,10 +67,10 @@ def test_cli_reset_generate_and_bad_command(base_dir, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat.report", *args], cwd=tmp_path, env=env,
                                        capture_output=True, text=True, timeout=120)
     assert run("reset").returncode == 0
-    generated = run("generate", "--gpu_hour_cost", "1.5")
+    generated = run("generate", "--gpu_hourly_cost", "1.5")
     assert generated.returncode == 0, generated.stderr
     assert (tmp_path / "report.md").exists() and (base_dir / "report" / "report.md").exists()
     bad = run("publish")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: usage: python -m nanochat.report reset|generate [--gpu_hour_cost X] [--num_gpus N]"]
+        "error: usage: python -m nanochat.report reset|generate [--gpu_hourly_cost X] [--num_gpus N]"]
