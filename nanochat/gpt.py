@@ -9,6 +9,8 @@ Architecture choices:
 - untied input embedding and lm_head by default (`tie_embeddings` optional)
 - logits soft-capped with `softcap · tanh(logits / softcap)` (Gemma 2), 15 by default
 - vocab padded to a multiple of 64 for matmul efficiency; padded ids are never predicted or returned
+- switches for imported Llama-family weights (nanochat/interop.py), all off by default: SwiGLU MLP, learnable
+  RMSNorm weights, no QK-norm, no embedding norm; the default path does no extra work
 - the loss is computed in row chunks, recomputing each chunk's logits in backward, so a large vocab never
   materialises the whole (B, T, vocab) float32 logits tensor
 """
@@ -42,6 +44,19 @@ class GPTConfig:
     softcap: float = 15.0  # 0 = no soft-cap
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    mlp: str = "relu2"  # relu2 | swiglu
+    mlp_hidden_dim: int = -1  # -1 = 4 × model_dim
+    norm_weight: bool = False  # learnable RMSNorm gains (Llama); False = parameter-free
+    qk_norm: bool = True
+    embed_norm: bool = True  # RMS-normalise the token embedding before the first block
+
+    def __post_init__(self):
+        if self.mlp not in ("relu2", "swiglu"):
+            raise FlagError(f"model config mlp must be relu2 or swiglu, got {self.mlp!r}")
+
+    @property
+    def hidden_dim(self) -> int:
+        return 4 * self.model_dim if self.mlp_hidden_dim == -1 else self.mlp_hidden_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -97,6 +112,18 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain when `learnable`, else parameter-free (and no state-dict entry)."""
+
+    def __init__(self, dim: int, eps: float, learnable: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim): each frequency repeated over both halves."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -134,6 +161,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.eps = config.norm_eps
+        self.qk_norm = config.qk_norm
         dim = config.model_dim
         self.c_q = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
         self.c_k = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
@@ -146,7 +174,8 @@ class Attention(nn.Module):
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -160,25 +189,33 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """ReLU²: c_proj(relu(c_fc x)²). SwiGLU (Llama): c_proj(silu(c_fc x) · c_up x)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.model_dim, 4 * config.model_dim, bias=False)
-        self.c_proj = nn.Linear(4 * config.model_dim, config.model_dim, bias=False)
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.model_dim, config.hidden_dim, bias=False)
+        if self.swiglu:
+            self.c_up = nn.Linear(config.model_dim, config.hidden_dim, bias=False)
+        self.c_proj = nn.Linear(config.hidden_dim, config.model_dim, bias=False)
 
     def forward(self, x):
+        if self.swiglu:
+            return self.c_proj(F.silu(self.c_fc(x)) * self.c_up(x))
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.eps = config.norm_eps
+        self.norm_attn = RMSNorm(config.model_dim, config.norm_eps, config.norm_weight)
         self.attn = Attention(config, layer_idx)
+        self.norm_mlp = RMSNorm(config.model_dim, config.norm_eps, config.norm_weight)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
-        x = x + self.attn(rms_norm(x, self.eps), cos, sin, doc_ids, kv_cache)
-        return x + self.mlp(rms_norm(x, self.eps))
+        x = x + self.attn(self.norm_attn(x), cos, sin, doc_ids, kv_cache)
+        return x + self.mlp(self.norm_mlp(x))
 
 
 class GPT(nn.Module):
@@ -189,6 +226,7 @@ class GPT(nn.Module):
         vocab = config.padded_vocab_size
         self.wte = nn.Embedding(vocab, config.model_dim)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.depth))
+        self.norm_f = RMSNorm(config.model_dim, config.norm_eps, config.norm_weight)
         self.lm_head = nn.Linear(config.model_dim, vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -210,15 +248,25 @@ class GPT(nn.Module):
         for block in self.blocks:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            if block.mlp.swiglu:
+                nn.init.uniform_(block.mlp.c_up.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm) and norm.weight is not None:
+                nn.init.ones_(norm.weight)
+        self.init_rotary()
+
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        """Fill the (non-persistent) rotary tables; needed after building on the meta device and loading weights."""
         cos, sin = rotary_tables(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def num_params(self) -> dict[str, int]:
         embedding = self.wte.weight.numel()
-        blocks = sum(p.numel() for p in self.blocks.parameters())
+        blocks = sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm_f.parameters())
         lm_head = 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
         return {"embedding": embedding, "blocks": blocks, "lm_head": lm_head,
                 "total": embedding + blocks + lm_head}
@@ -236,13 +284,15 @@ class GPT(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        x = rms_norm(self.wte(idx), self.config.norm_eps)
+        x = self.wte(idx)
+        if self.config.embed_norm:
+            x = rms_norm(x, self.config.norm_eps)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, doc_ids, kv_cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, doc_ids, kv_cache)
-        return rms_norm(x, self.config.norm_eps)
+        return self.norm_f(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
