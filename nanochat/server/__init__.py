@@ -1,0 +1,14 @@
+"""The OpenAI-compatible server behind `python -m scripts.chat_web`: `create_app(load, settings)` builds the
+FastAPI app (API + the browser UI in nanochat/ui), `load_workers(...)` turns a checkpoint into workers.
+
+    app.py         routes, API key, CORS, health/models/stats, conversation log
+    schemas.py     request models and their limits (400s come from here)
+    errors.py      OpenAI's {"error": {...}} shape for every failure
+    requests.py    one request: worker, disconnect watch, SSE chunks or a whole response
+    workers.py     the worker pool, the bounded queue (429) and /stats counters
+    generation.py  the engine loop in a worker thread, cancellable per step
+    loading.py     checkpoint -> workers (one replica per GPU)
+"""
+from nanochat.server.app import LoadedModel, ServerSettings, create_app
+
+__all__ = ["LoadedModel", "ServerSettings", "create_app"]

@@ -1,0 +1,118 @@
+"""The worker pool: one engine (model replica) per worker, a bounded wait queue, and the counters /stats shows.
+
+A request takes a free worker or waits in line; with `max_queue` requests already waiting it is turned away
+(429 with Retry-After). Generation runs in a thread per request, so the event loop keeps answering /health
+while workers are busy. A worker goes back to the pool only when its thread has stopped, so a client that
+disconnects frees its worker once the engine notices the cancel flag (within one step).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from nanochat.server.errors import APIError
+from nanochat.server.generation import Outcome, SamplingParams, Step, run_generation
+
+
+@dataclass
+class Worker:
+    index: int
+    engine: object
+    device: str
+
+
+class WorkerPool:
+    def __init__(self, workers: list[Worker], tokenizer, max_queue: int):
+        self.workers = workers
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.free: deque[Worker] = deque(workers)
+        self.waiters: deque[asyncio.Future] = deque()
+        self.requests_served = 0
+        self.requests_rejected = 0
+        self.requests_cancelled = 0
+        self.tokens_generated = 0
+        self.generation_seconds = 0.0
+
+    # -- scheduling (event-loop thread only) --------------------------------------------------------------
+
+    async def acquire(self) -> Worker:
+        if self.free and not self.waiters:
+            return self.free.popleft()
+        if len(self.waiters) >= self.max_queue:
+            self.requests_rejected += 1
+            raise APIError(429, f"all {len(self.workers)} workers are busy and {len(self.waiters)} requests are "
+                                "queued; retry shortly", code="server_busy",
+                           headers={"Retry-After": str(self.retry_after_seconds())})
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())
+            raise
+
+    def release(self, worker: Worker) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self.free.append(worker)
+
+    def retry_after_seconds(self) -> int:
+        """A guess at when a slot opens: the mean request time times the queue depth per worker."""
+        mean = self.generation_seconds / self.requests_served if self.requests_served else 1.0
+        return max(1, math.ceil(mean * (len(self.waiters) + 1) / len(self.workers)))
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def start(self, worker: Worker, prompt_ids: list[int], params: SamplingParams,
+              on_step: Callable[[Step], None], on_done: Callable[[Outcome], None]) -> threading.Event:
+        """Generate on `worker` in a new thread; callbacks run on the event loop. Returns the cancel flag."""
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+
+        def finish(outcome: Outcome) -> None:
+            self.tokens_generated += outcome.completion_tokens
+            self.generation_seconds += outcome.seconds
+            if outcome.cancelled:
+                self.requests_cancelled += 1
+            else:
+                self.requests_served += 1
+            self.release(worker)
+            on_done(outcome)
+
+        def body() -> None:
+            outcome = run_generation(worker.engine, self.tokenizer, prompt_ids, params, cancel,
+                                     lambda step: loop.call_soon_threadsafe(on_step, step))
+            try:
+                loop.call_soon_threadsafe(finish, outcome)
+            except RuntimeError:  # the loop closed under us (server shutdown): nothing is waiting any more
+                pass
+
+        threading.Thread(target=body, name=f"nanochat-worker-{worker.index}", daemon=True).start()
+        return cancel
+
+    def stats(self) -> dict:
+        return {
+            "workers": len(self.workers),
+            "workers_busy": len(self.workers) - len(self.free),
+            "workers_free": len(self.free),
+            "queue_length": len(self.waiters),
+            "max_queue": self.max_queue,
+            "requests_served": self.requests_served,
+            "requests_cancelled": self.requests_cancelled,
+            "requests_rejected": self.requests_rejected,
+            "tokens_generated": self.tokens_generated,
+            "tokens_per_second": round(self.tokens_generated / self.generation_seconds, 2)
+            if self.generation_seconds else 0.0,
+        }
