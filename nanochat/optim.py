@@ -1,0 +1,199 @@
+"""Optimizers: Muon for the 2-D matrices inside the blocks, AdamW for the embedding and the lm_head.
+
+Both are data-parallel on their own, with no DDP wrapper: every rank runs backward on its micro-batches, then
+`step()` averages the gradients across ranks as part of the update.
+- Muon owns parameters block-cyclically: within each same-shape group, parameter i belongs to rank i % world.
+  Gradients are reduce-scattered to their owner, the owner updates (and alone keeps the momentum buffer), and
+  the new values are all-gathered back to every rank.
+- AdamW shards each parameter along dim 0 (ZeRO-2 style): gradients are reduce-scattered, each rank keeps the
+  moments of its own slice, updates it, and the slices are all-gathered. A parameter whose first dim does not
+  split evenly is all-reduced and updated whole on every rank.
+A single process takes a plain path with no collective calls. Gradients are summed with SUM and divided by the
+world size because gloo has no AVG reduction.
+
+Muon (Keller Jordan, 2024): Nesterov momentum, then the update is orthogonalised with a quintic Newton-Schulz
+iteration whose coefficients (3.4445, -4.7750, 2.0315) push all singular values towards 1 in 5 steps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U·Vᵀ of grad's SVD; bf16 on GPU (fast, and the iteration tolerates it), float32 elsewhere."""
+    a, b, c = NS_COEFFICIENTS
+    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters only."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, momentum_start: float = 0.85,
+                 momentum_warmup_steps: int = 300, nesterov: bool = True, ns_steps: int = 5):
+        by_shape: dict[torch.Size, list] = {}
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon takes 2-D parameters only, got shape {tuple(p.shape)}")
+            by_shape.setdefault(p.shape, []).append(p)
+        # one group per shape, in first-seen order (the same on every rank), so a rank's slice is a plain stack
+        groups = [{"params": ps} for ps in by_shape.values()]
+        defaults = dict(lr=lr, initial_lr=lr, momentum=momentum, momentum_start=momentum_start,
+                        momentum_warmup_steps=momentum_warmup_steps, nesterov=nesterov, ns_steps=ns_steps, step=0)
+        super().__init__(groups, defaults)
+
+    @staticmethod
+    def current_momentum(group: dict) -> float:
+        frac = min(group["step"] / group["momentum_warmup_steps"], 1.0) if group["momentum_warmup_steps"] else 1.0
+        return (1 - frac) * group["momentum_start"] + frac * group["momentum"]
+
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, momentum: float) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - momentum)
+        direction = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        update = orthogonalize(direction, group["ns_steps"])
+        # orthogonal updates have unit singular values; tall matrices get a larger step so per-element RMS matches
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        world = world_size()
+        if world == 1:
+            for group in self.param_groups:
+                momentum = self.current_momentum(group)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.update(p, p.grad, group, momentum)
+                group["step"] += 1
+            return None
+        self.distributed_step(world, dist.get_rank())
+        return None
+
+    def distributed_step(self, world: int, rank: int) -> None:
+        pending = []  # (group, chunk of params, this rank's reduced grad, reduce work)
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), world):
+                chunk = params[base:base + world]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
+                grads += [torch.zeros_like(chunk[0])] * (world - len(chunk))  # pad so every rank gets a slot
+                owned_grad = torch.empty_like(chunk[0])
+                work = dist.reduce_scatter(owned_grad, grads, op=dist.ReduceOp.SUM, async_op=True)
+                pending.append((group, chunk, owned_grad, work))
+        gathers = []
+        for group, chunk, owned_grad, work in pending:
+            work.wait()
+            if rank < len(chunk):
+                self.update(chunk[rank], owned_grad.div_(world), group, self.current_momentum(group))
+            outputs = chunk + [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]
+            source = chunk[rank] if rank < len(chunk) else outputs[rank]
+            gathers.append(dist.all_gather(outputs, source.clone(), async_op=True))
+        for work in gathers:
+            work.wait()
+        for group in self.param_groups:
+            group["step"] += 1
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay; ZeRO-2 sharded state under torchrun."""
+
+    def __init__(self, param_groups, lr: float = 1e-3, betas: tuple[float, float] = (0.8, 0.95),
+                 eps: float = 1e-10, weight_decay: float = 0.0):
+        groups = []
+        for group in param_groups:
+            group = dict(group)
+            group.setdefault("initial_lr", group.get("lr", lr))
+            groups.append(group)
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def update(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        world = world_size()
+        if world == 1:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.update(p, p.grad, self.state[p], group)
+            return None
+        self.distributed_step(world, dist.get_rank())
+        return None
+
+    def distributed_step(self, world: int, rank: int) -> None:
+        pending = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                if p.size(0) % world == 0:
+                    shard = torch.empty_like(grad[:p.size(0) // world])
+                    work = dist.reduce_scatter_tensor(shard, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+                    pending.append((group, p, shard, work, True))
+                else:
+                    grad = grad.clone()
+                    pending.append((group, p, grad, dist.all_reduce(grad, async_op=True), False))
+        gathers = []
+        for group, p, grad, work, sharded in pending:
+            work.wait()
+            grad.div_(world)
+            if not sharded:
+                self.update(p, grad, self.state[p], group)
+                continue
+            rows = p.size(0) // world
+            shard = p[rank * rows:(rank + 1) * rows].clone()
+            self.update(shard, grad, self.state[p], group)
+            gathers.append(dist.all_gather_into_tensor(p, shard, async_op=True))
+        for work in gathers:
+            work.wait()
+
+
+def setup_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
+                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """[AdamW for wte and lm_head, Muon for every block matrix]. AdamW LRs scale as (model_dim / 768)^-0.5 so
+    the defaults tuned at width 768 carry over to other widths."""
+    scale = (model.config.model_dim / 768) ** -0.5
+    if model.config.tie_embeddings:
+        # one shared matrix: it is also the output layer, so it gets the (much smaller) unembedding LR
+        adam_groups = [{"params": [model.wte.weight], "lr": unembedding_lr * scale}]
+    else:
+        adam_groups = [{"params": [model.lm_head.weight], "lr": unembedding_lr * scale},
+                       {"params": [model.wte.weight], "lr": embedding_lr * scale}]
+    adamw = AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+    muon = Muon(model.blocks.parameters(), lr=matrix_lr)
+    return [adamw, muon]

@@ -1,0 +1,185 @@
+"""The shared training loop: overfitting, exact resume, 1 vs 2 processes, non-finite stop, batch arithmetic.
+
+Run as `torchrun ... -m tests.test_trainer --rows R --out D ...` this file is also the distributed worker.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from nanochat.checkpoint import complete_steps, create_model
+from nanochat.common import DistInfo, init_distributed
+from nanochat.flags import FlagError, TrainFlags, flag, parse_flags
+from nanochat.optim import setup_optimizers
+from nanochat.schedules import warmup_warmdown
+from nanochat.trainer import Eval, TrainingDiverged, grad_accum_steps, train
+from tests.training_fixtures import (VOCAB_SIZE, make_mini_corpus, read_losses, read_real_docs, subprocess_env,
+                                     tiny_config, token_rows, torchrun_cmd)
+
+SEQ_LEN = 32
+CPU = DistInfo(False, 0, 0, 1, torch.device("cpu"))
+
+
+class RowBatches:
+    """Rows in a fixed order. Micro-batch m of a step on rank r holds the rows a single process would use for
+    micro-batch m·world + r, so 1 and N processes see the same data per optimizer step."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.rows, self.batch_size, self.rank, self.world_size = rows, batch_size, rank, world_size
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        index = torch.arange(self.pos + self.rank * self.batch_size,
+                             self.pos + (self.rank + 1) * self.batch_size) % len(self.rows)
+        self.pos += self.batch_size * self.world_size
+        batch = self.rows[index]
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+@dataclass
+class WorkerFlags(TrainFlags):
+    rows: str = flag("", "token rows saved with torch.save")
+    out: str = flag("", "checkpoint directory")
+
+
+def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=()):
+    torch.manual_seed(flags.seed)
+    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), dist.device)
+    optimizers = setup_optimizers(model)
+    batches = RowBatches(rows, flags.device_batch_size, dist.rank, dist.world_size)
+    accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, SEQ_LEN, dist.world_size)
+    result = train(model, optimizers, batches, lr_schedule=warmup_warmdown(flags.num_iterations), flags=flags,
+                   checkpoint_dir=out, dist=dist, num_iterations=flags.num_iterations, grad_accum_steps=accum,
+                   evals=evals, flops_per_token=model.estimate_flops(SEQ_LEN))
+    return model, result
+
+
+def flags_for(**overrides) -> TrainFlags:
+    base = dict(device_type="cpu", device_batch_size=2, total_batch_size=4 * SEQ_LEN, num_iterations=15,
+                eval_every=-1, save_every=5, keep_last=-1)
+    base.update(overrides)
+    return TrainFlags(**base)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory, shared_data):
+    tokenizer = make_mini_corpus(tmp_path_factory.mktemp("corpus"), shared_data, train_docs=48, val_docs=4)
+    return token_rows(tokenizer, read_real_docs(shared_data, 48), SEQ_LEN)
+
+
+def test_tiny_model_overfits_one_batch(rows, tmp_path):
+    _, result = run_training(flags_for(num_iterations=30, save_every=-1), rows[:2], tmp_path / "ckpt")
+    assert result.losses[1] > 5.0
+    assert result.losses[30] < 0.3 * result.losses[1]
+
+
+class Preempted(Exception):
+    pass
+
+
+def preempt_at(step: int) -> Eval:
+    def maybe_stop(model, current):
+        if current == step:
+            raise Preempted
+        return {}
+    return Eval("preempt", 1, maybe_stop)
+
+
+def test_exact_resume_single_process(rows, tmp_path):
+    straight_model, straight = run_training(flags_for(), rows, tmp_path / "straight")
+    # stop after step 11 (checkpoint at 10), like a preempted job, then resume
+    with pytest.raises(Preempted):
+        run_training(flags_for(), rows, tmp_path / "resumed", evals=[preempt_at(11)])
+    assert complete_steps(tmp_path / "resumed") == [5, 10]
+    resumed_model, resumed = run_training(flags_for(resume=True), rows, tmp_path / "resumed")
+    assert sorted(resumed.losses) == [11, 12, 13, 14, 15]
+    assert [resumed.losses[s] for s in range(11, 16)] == [straight.losses[s] for s in range(11, 16)]
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    logged = read_losses(tmp_path / "resumed" / "train_log.jsonl")
+    assert logged == straight.losses
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").open()]
+    assert steps_logged == list(range(1, 16))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(rows, tmp_path):
+    def poison(model, step):
+        if step == 3:
+            model.wte.weight.data.fill_(float("nan"))
+        return {}
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4; .*step_000002"):
+        run_training(flags_for(save_every=2), rows, tmp_path / "ckpt", evals=[Eval("poison", 1, poison)])
+    assert complete_steps(tmp_path / "ckpt") == [2]
+
+
+def test_evals_run_on_cadence_and_reach_checkpoint_meta(rows, tmp_path):
+    seen = []
+
+    def record(model, step):
+        assert not model.training and not torch.is_grad_enabled()
+        seen.append(step)
+        return {"val_metric": float(step)}
+
+    run_training(flags_for(num_iterations=7, save_every=-1), rows, tmp_path / "ckpt", evals=[Eval("v", 3, record)])
+    assert seen == [0, 3, 6, 7]
+    meta = json.loads((tmp_path / "ckpt" / "step_000007" / "meta.json").read_text())
+    assert meta["val_metric"] == 7.0 and meta["step"] == 7
+
+
+@pytest.mark.parametrize("total, device_batch, world, message", [
+    (1056, 4, 1, "--total_batch_size 1056 is not a multiple of 128 tokens per micro-step .* try "
+                 "--total_batch_size 1024 or --device_batch_size 3"),
+    (200, 4, 2, "try --total_batch_size 256$"),
+])
+def test_batch_arithmetic_names_the_fix(total, device_batch, world, message):
+    with pytest.raises(FlagError, match=message):
+        grad_accum_steps(total, device_batch, 32, world)
+
+
+def test_grad_accum_steps_divides():
+    assert grad_accum_steps(524288, 32, 2048, 8) == 1
+    assert grad_accum_steps(524288, 16, 2048, 1) == 16
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(rows, tmp_path):
+    rows_path = tmp_path / "rows.pt"
+    torch.save(rows, rows_path)
+    flags = flags_for(num_iterations=5, save_every=-1)
+    _, single = run_training(flags, rows, tmp_path / "single")
+    result = subprocess.run(torchrun_cmd(2, "-m", "tests.test_trainer", f"--rows={rows_path}",
+                                         f"--out={tmp_path / 'double'}", "--device_type=cpu",
+                                         "--device_batch_size=2", f"--total_batch_size={4 * SEQ_LEN}",
+                                         "--num_iterations=5", "--eval_every=-1"),
+                            capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = read_losses(tmp_path / "double" / "train_log.jsonl")
+    assert sorted(double) == [1, 2, 3, 4, 5]
+    for step in double:
+        assert double[step] == pytest.approx(single.losses[step], rel=1e-5)
+    assert single.losses[5] < single.losses[1]
+
+
+def worker_main() -> None:
+    flags = parse_flags(WorkerFlags)
+    dist = init_distributed("cpu")
+    rows = torch.load(flags.rows, weights_only=True)
+    run_training(replace(flags), rows, flags.out, dist)
+
+
+if __name__ == "__main__":
+    worker_main()
