@@ -25,3 +25,19 @@ def train_tiny_tokenizer(vocab_size: int = 512, extra_texts: list[str] | None = 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def make_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, tag: str = "d2", depth: int = 2, model_dim: int = 32,
+                         seq_len: int = 64, seed: int = 0) -> Path:
+    """A freshly initialised tiny GPT saved as base checkpoint step 0, with the tokenizer in base_dir/tokenizer."""
+    import torch
+
+    from nanochat.checkpoint import checkpoint_dir, create_model, save_checkpoint
+    from nanochat.gpt import GPTConfig
+
+    tokenizer.save(base_dir / "tokenizer")
+    torch.manual_seed(seed)
+    config = GPTConfig(depth=depth, model_dim=model_dim, num_heads=model_dim // 16, num_kv_heads=model_dim // 16,
+                       head_dim=16, max_seq_len=seq_len, vocab_size=tokenizer.vocab_size)
+    model = create_model(config, "cpu")
+    return save_checkpoint(checkpoint_dir("base", tag), 0, model, [], {}, {})

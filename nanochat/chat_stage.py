@@ -1,0 +1,169 @@
+"""What mid_train, chat_sft and chat_rl share: flags, the starting checkpoint, optimizers, the data choice,
+task mixtures, and generative accuracy with the engine.
+
+Each stage starts from another stage's checkpoint (`--source`, `--model_tag`, `--step`; newest by default) and
+writes its own under the same tag. The training itself is `nanochat.trainer.train`, the one loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
+from nanochat.common import DistInfo, autodetect_device_type, init_distributed, print0, seed_everything
+from nanochat.flags import FlagError, TrainFlags, flag
+from nanochat.optim import setup_optimizers
+from tasks.arithmetic import Arithmetic
+from tasks.common import Task, TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.smoltalk import SmolTalk, demo_chat_dir
+from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
+
+
+@dataclass
+class ChatTrainFlags(TrainFlags):
+    step: int = flag(-1, "step of the --source checkpoint to start from; -1 = newest")
+    chat_data: str = flag("auto", "chat conversations: hub (smol-smoltalk), demo (chat_data/demo), or a directory "
+                                  "with {train,val}.jsonl(.gz); auto = demo when built, else hub")
+    identity_file: str = flag("", "jsonl of your own conversations (e.g. who made the model), mixed in twice; "
+                                  "empty = none")
+    chat_examples: int = flag(-1, "chat conversations in the mixture; -1 = all; 0 = none")
+    simple_spelling: int = flag(-1, "SimpleSpelling examples; -1 = the stage's share of the chat size; 0 = none")
+    spelling_bee: int = flag(-1, "SpellingBee examples; -1 = the stage's share of the chat size; 0 = none")
+    arithmetic: int = flag(-1, "calculator word problems; -1 = the stage's share of the chat size; 0 = none")
+    words_file: str = flag("", "word list for the spelling tasks; empty = cache, /usr/share/dict or the shards")
+    max_seq_len: int = flag(-1, "tokens per row; -1 = the model's max_seq_len")
+    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (before --init_lr_frac)")
+    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (before --init_lr_frac)")
+    matrix_lr: float = flag(0.02, "Muon LR of the block matrices (before --init_lr_frac)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    init_lr_frac: float = flag(1.0, "starting LR as a fraction of the LRs above")
+    eval_batches: int = flag(20, "val batches per val-loss evaluation")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_lr_frac <= 0:
+            raise FlagError(f"--init_lr_frac must be > 0, got {self.init_lr_frac}")
+        if self.eval_batches < 1:
+            raise FlagError(f"--eval_batches must be >= 1, got {self.eval_batches}")
+        for name in ("chat_examples", *SYNTHETIC):
+            if getattr(self, name) < -1:
+                raise FlagError(f"--{name} must be >= 0 or -1 (stage default), got {getattr(self, name)}")
+        if self.step < -1:
+            raise FlagError(f"--step must be >= 0 or -1 (newest), got {self.step}")
+
+
+@dataclass
+class Stage:
+    dist: DistInfo
+    model: torch.nn.Module
+    tokenizer: object
+    source_meta: dict
+    tag: str
+    out_dir: Path
+    seq_len: int
+
+
+def start_stage(flags: ChatTrainFlags, source: str, stage: str) -> Stage:
+    """Distributed init, seeds, and the starting model (float32 master weights) from `source`'s checkpoint."""
+    device_type = autodetect_device_type(flags.device_type)
+    dist_info = init_distributed(device_type)
+    seed_everything(flags.seed + dist_info.rank)
+    tag = flags.model_tag or newest_tag(source_dir(source))
+    model, tokenizer, meta = load_model(source, dist_info.device, tag=tag,
+                                        step=None if flags.step == -1 else flags.step)
+    model.float()
+    model_len = model.config.max_seq_len
+    seq_len = model_len if flags.max_seq_len == -1 else flags.max_seq_len
+    if not 1 <= seq_len <= model_len:
+        raise FlagError(f"--max_seq_len {flags.max_seq_len} must be between 1 and the model's {model_len}; "
+                        "use -1 for the model's")
+    out_dir = checkpoint_dir(stage, tag)
+    print0(f"{stage}: from {source}/{tag} step {meta['step']} -> {out_dir}; rows of {seq_len} tokens; "
+           f"{dist_info.world_size} rank(s) on {dist_info.device}")
+    return Stage(dist_info, model, tokenizer, meta, tag, out_dir, seq_len)
+
+
+def stage_optimizers(model, flags: ChatTrainFlags) -> list:
+    """The base optimizers with every LR scaled by --init_lr_frac (stored as each group's initial_lr)."""
+    return setup_optimizers(model, embedding_lr=flags.embedding_lr * flags.init_lr_frac,
+                            unembedding_lr=flags.unembedding_lr * flags.init_lr_frac,
+                            matrix_lr=flags.matrix_lr * flags.init_lr_frac, weight_decay=flags.weight_decay)
+
+
+def examples_accum_steps(target_examples: int, device_batch_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that a step sees `target_examples` conversations across ranks."""
+    per_micro = device_batch_size * world_size
+    if target_examples % per_micro == 0 and target_examples > 0:
+        return target_examples // per_micro
+    nearest = max(per_micro, round(target_examples / per_micro) * per_micro)
+    raise FlagError(f"--target_examples_per_step {target_examples} is not a multiple of {per_micro} conversations "
+                    f"per micro-step (device_batch_size {device_batch_size} × {world_size} ranks); "
+                    f"try --target_examples_per_step {nearest}")
+
+
+def resolve_chat_data(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    demo = demo_chat_dir()
+    chosen = "demo" if (demo / "train.jsonl.gz").is_file() or (demo / "train.jsonl").is_file() else "hub"
+    print0(f"chat data: {chosen} (--chat_data auto)")
+    return chosen
+
+
+SYNTHETIC = {"simple_spelling": SimpleSpelling, "spelling_bee": SpellingBee, "arithmetic": Arithmetic}
+
+
+def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: dict[str, float],
+                 extra: list[Task] = ()) -> TaskMixture:
+    """Chat conversations (+ the identity file, twice, in train) + `extra` + synthetic tasks, shuffled with the
+    seed. A synthetic task's size is its flag, or (-1) its `fractions` entry times the chat size; val gets a
+    tenth of train's synthetic examples."""
+    tasks: list[Task] = []
+    if flags.chat_examples != 0:
+        tasks.append(SmolTalk(split, data=chat_data, stop=None if flags.chat_examples == -1 else flags.chat_examples))
+    chat_size = len(tasks[0]) if tasks else 0
+    tasks += extra
+    if flags.identity_file and split == "train":
+        identity = CustomJSON(flags.identity_file)
+        tasks += [identity, identity]
+    words = None
+    for name, task_class in SYNTHETIC.items():
+        size = getattr(flags, name)
+        size = math.ceil(chat_size * fractions.get(name, 0.0)) if size == -1 else size
+        size = size if split == "train" else math.ceil(size / 10)
+        if size == 0:
+            continue
+        if task_class is Arithmetic:
+            tasks.append(Arithmetic(size, split=split))
+            continue
+        words = words if words is not None else load_words(flags.words_file or None)
+        tasks.append(task_class(size, split=split, words=words))
+    if not tasks:
+        raise FlagError("the mixture is empty: keep --chat_examples non-zero or ask for synthetic examples")
+    mixture = TaskMixture(tasks, seed=flags.seed)
+    print0(f"{split} mixture: {len(mixture):,} conversations = " +
+           " + ".join(f"{type(t).__name__} {len(t):,}" for t in tasks))
+    return mixture
+
+
+@torch.no_grad()
+def generative_accuracy(engine, tokenizer, task: Task, max_problems: int, max_tokens: int = 256,
+                        rank: int = 0, world_size: int = 1) -> float:
+    """Greedy exact-answer accuracy on the first `max_problems` examples (rank-strided, summed over ranks)."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for i in range(rank, min(max_problems, len(task)), world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+        completion = tokenizer.decode(results[0][len(prompt):])
+        totals[0] += float(task.evaluate(conversation, completion))
+        totals[1] += 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
