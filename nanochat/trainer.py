@@ -163,7 +163,10 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
     checkpoint_dir = Path(checkpoint_dir)
     device = dist.device
     dtype = resolve_dtype(device.type, flags.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
     meta = {"flags": flags_to_dict(flags), **(meta or {})}
     log = TrainLog(checkpoint_dir, dist.is_master)
 
@@ -188,8 +191,9 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
     while True:
         last = state.step == num_iterations
         if state.step > start_step or start is None:
-            run_evals([e for e in evals if last or (e.every != -1 and state.step % e.every == 0)],
-                      model, state, log, wandb_run)
+            with autocast():
+                run_evals([e for e in evals if last or (e.every != -1 and state.step % e.every == 0)],
+                          model, state, log, wandb_run)
         if state.step > start_step and (last or (flags.save_every != -1 and state.step % flags.save_every == 0)):
             rank_state = {"rng": capture_rng_state(), "loader": batches.state_dict()}
             loop = {"tokens_seen": state.tokens_seen, "loss_ema": state.loss_ema, "metrics": state.metrics}
@@ -207,7 +211,7 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
         for _ in range(grad_accum_steps):
             inputs, targets, *rest = next(batches)
             doc_ids = rest[0] if rest else None
-            with autocast:
+            with autocast():
                 loss = train_model(inputs, targets, doc_ids=doc_ids)
             (loss / grad_accum_steps).backward()
             loss_sum += loss.detach().float()

@@ -1,0 +1,177 @@
+"""Pretrain a GPT from scratch on the base_data shards.
+
+    python -m scripts.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 --total_batch_size=8192
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth=20 --run=d20
+    python -m scripts.base_train --depth=20 --resume          # continue the newest complete checkpoint
+
+Run length: --num_iterations, else --target_flops, else --target_param_data_ratio × parameters in tokens.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from nanochat import report
+from nanochat.checkpoint import checkpoint_dir, create_model
+from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
+from nanochat.dataloader import PretrainLoader
+from nanochat.engine import Engine
+from nanochat.flags import FlagError, TrainFlags, flag, parse_flags, run_main
+from nanochat.gpt import ModelFlags, model_config
+from nanochat.optim import setup_optimizers
+from nanochat.schedules import warmup_warmdown
+from nanochat.tokenizer import get_tokenizer
+from nanochat.trainer import Eval, grad_accum_steps, train
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+
+@dataclass
+class BaseTrainFlags(ModelFlags, TrainFlags):
+    """Pretrain a GPT from scratch on the base_data shards."""
+    # Run length (first one set wins)
+    target_flops: float = flag(-1.0, "training FLOPs to spend, sets the steps when --num_iterations is -1; -1 = off")
+    target_param_data_ratio: float = flag(20.0, "tokens per parameter (Chinchilla ~20), used when --num_iterations "
+                                                "and --target_flops are -1")
+    # Optimization
+    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (scaled by (model_dim/768)^-0.5)")
+    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (scaled by (model_dim/768)^-0.5)")
+    matrix_lr: float = flag(0.02, "Muon LR of the block matrices")
+    weight_decay: float = flag(0.0, "AdamW weight decay of the embeddings")
+    warmup_ratio: float = flag(0.0, "fraction of steps with a linear LR warm-up")
+    warmdown_ratio: float = flag(0.2, "fraction of steps at the end with a linear LR decay")
+    final_lr_frac: float = flag(0.0, "LR at the end of the warm-down, as a fraction of the peak")
+    # Model extras
+    doc_mask: bool = flag(False, "attention stays inside each document of a packed row")
+    activation_checkpointing: bool = flag(False, "recompute each block in backward: less memory, ~30% more compute")
+    # Evaluation
+    eval_tokens: int = flag(20 * 524288, "val tokens per bits-per-byte evaluation")
+    sample_every: int = flag(2000, "steps between greedy samples; -1 = off")
+    core_metric_every: int = flag(-1, "steps between CORE evaluations (needs eval_bundle/); -1 = off")
+    core_metric_max_per_task: int = flag(500, "CORE items per task during training; -1 = all")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("sample_every", "core_metric_every"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise FlagError(f"--{name} must be >= 1 or -1 (off), got {getattr(self, name)}")
+        if self.eval_tokens < 1:
+            raise FlagError(f"--eval_tokens must be >= 1, got {self.eval_tokens}")
+        if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
+            raise FlagError(f"--warmup_ratio + --warmdown_ratio must be in [0, 1], got "
+                            f"{self.warmup_ratio} + {self.warmdown_ratio}")
+
+
+def resolve_num_iterations(flags: BaseTrainFlags, num_params: int, flops_per_token: float) -> tuple[int, str]:
+    if flags.num_iterations != -1:
+        steps, why = flags.num_iterations, "--num_iterations"
+    elif flags.target_flops != -1:
+        steps, why = round(flags.target_flops / (flops_per_token * flags.total_batch_size)), "--target_flops"
+    elif flags.target_param_data_ratio != -1:
+        steps = round(flags.target_param_data_ratio * num_params / flags.total_batch_size)
+        why = f"--target_param_data_ratio {flags.target_param_data_ratio:g}"
+    else:
+        raise FlagError("set one of --num_iterations, --target_flops or --target_param_data_ratio")
+    if steps < 1:
+        raise FlagError(f"{why} gives {steps} steps; raise it or lower --total_batch_size")
+    return steps, why
+
+
+def bits_per_byte(model, tokenizer, flags: BaseTrainFlags, dist, seq_len: int) -> float:
+    """Sum of nats over val tokens / (ln 2 · their UTF-8 bytes); special tokens (0 bytes) are left out."""
+    token_bytes = tokenizer.token_bytes().to(dist.device)
+    steps = max(1, flags.eval_tokens // (flags.device_batch_size * seq_len * dist.world_size))
+    loader = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "val", dist.device, dist.rank,
+                            dist.world_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for _ in range(steps):
+        inputs, targets = next(loader)[:2]
+        losses = model(inputs, targets, loss_reduction="none").double()
+        num_bytes = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        totals[0] += (losses * (num_bytes > 0)).sum()
+        totals[1] += num_bytes.sum()
+    loader.close()
+    if dist.world_size > 1:
+        torch_dist.all_reduce(totals)
+    return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
+
+
+def print_samples(model, tokenizer, is_master: bool) -> None:
+    if not is_master:
+        return
+    engine = Engine(model, tokenizer)
+    for prompt in SAMPLE_PROMPTS:
+        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=tokenizer.bos_token_id), max_tokens=16,
+                                           temperature=0.0)
+        print0(f"sample: {tokenizer.decode(results[0][1:])!r}")
+
+
+def build_evals(flags: BaseTrainFlags, tokenizer, dist, seq_len: int) -> list[Eval]:
+    evals = [Eval("val_bpb", flags.eval_every,
+                  lambda model, step: {"val_bpb": bits_per_byte(model, tokenizer, flags, dist, seq_len)}),
+             Eval("sample", flags.sample_every,
+                  lambda model, step: print_samples(model, tokenizer, dist.is_master))]
+    if flags.core_metric_every != -1:
+        from nanochat.core_eval import evaluate_core, load_bundle
+
+        tasks = load_bundle()  # now, so a missing bundle stops the run before training, not hours into it
+
+        def core(model, step):
+            result = evaluate_core(model, tokenizer, tasks, dist.device, seq_len, flags.core_metric_max_per_task,
+                                   flags.device_batch_size, dist.rank, dist.world_size, progress=False)
+            return {"core": result["core"]}
+        evals.append(Eval("core", flags.core_metric_every, core))
+    return evals
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parse_flags(BaseTrainFlags, argv)
+    dist = init_distributed(autodetect_device_type(flags.device_type))
+    tokenizer = get_tokenizer()
+    config = model_config(flags, tokenizer.vocab_size)
+    seq_len = config.max_seq_len
+    accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, seq_len, dist.world_size)
+    seed_everything(flags.seed)  # the same seed on every rank: identical initial weights everywhere
+    model = create_model(config, dist.device)
+    model.activation_checkpointing = flags.activation_checkpointing
+    flops_per_token = model.estimate_flops(seq_len)
+    counts = model.num_params()
+    num_iterations, why = resolve_num_iterations(flags, counts["total"], flops_per_token)
+    tag = flags.model_tag or f"d{config.depth}"
+    out_dir = checkpoint_dir("base", tag)
+    print0(f"model: {asdict(config)}")
+    print0(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, blocks {counts['blocks']:,}, "
+           f"lm_head {counts['lm_head']:,}); {flops_per_token:.3e} FLOPs/token")
+    print0(f"{num_iterations} steps ({why}) × {flags.total_batch_size:,} tokens = "
+           f"{num_iterations * flags.total_batch_size:,} tokens; grad accumulation {accum} × {dist.world_size} "
+           f"rank(s) × {flags.device_batch_size} rows × {seq_len}; checkpoints in {out_dir}")
+
+    optimizers = setup_optimizers(model, flags.embedding_lr, flags.unembedding_lr, flags.matrix_lr,
+                                  flags.weight_decay)
+    batches = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "train", dist.device, dist.rank,
+                             dist.world_size, doc_mask=flags.doc_mask)
+    schedule = warmup_warmdown(num_iterations, round(flags.warmup_ratio * num_iterations), flags.warmdown_ratio,
+                               flags.final_lr_frac)
+    start = time.time()
+    result = train(model, optimizers, batches, lr_schedule=schedule, flags=flags, checkpoint_dir=out_dir, dist=dist,
+                   num_iterations=num_iterations, grad_accum_steps=accum,
+                   evals=build_evals(flags, tokenizer, dist, seq_len), flops_per_token=flops_per_token,
+                   meta={"source": "base", "num_iterations": num_iterations})
+    batches.close()
+    wall = time.time() - start
+    metrics = {"CORE": result.metrics["core"]} if "core" in result.metrics else {}
+    report.log_section("Base model training", {
+        "parameters": counts["total"], "depth": config.depth, "model_dim": config.model_dim,
+        "steps": result.step, "tokens": result.step * flags.total_batch_size, "final_loss": result.losses.get(
+            result.step), **{k: v for k, v in result.metrics.items()}, "checkpoint": str(result.checkpoint)},
+        source="base", metrics=metrics, wall_time_s=wall)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_main(main)
