@@ -1,0 +1,80 @@
+"""Bits per byte of a base checkpoint on the train and val splits, plus greedy samples for fixed prompts.
+
+    python -m scripts.base_loss --model_tag d20 --split_tokens 10485760
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from nanochat import report
+from nanochat.checkpoint import load_model
+from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
+from nanochat.dataloader import PretrainLoader
+from nanochat.engine import Engine
+from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
+from nanochat.loss_eval import evaluate_bpb
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then "
+                  "tomorrow will be", "The opposite of hot is", "The planets of the solar system are:",
+                  "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+@dataclass
+class BaseLossFlags(RuntimeFlags):
+    model_tag: str = flag("", "checkpoint tag under base_checkpoints; empty = the newest")
+    step: int = flag(-1, "checkpoint step; -1 = the newest")
+    device_batch_size: int = flag(32, "rows per forward pass per rank; lower it if you run out of memory")
+    split_tokens: int = flag(20 * 524288, "tokens to evaluate per split (train and val), all ranks together")
+    sample_tokens: int = flag(16, "tokens to generate greedily per sample prompt; 0 = no samples")
+
+    def __post_init__(self):
+        for name in ("device_batch_size", "split_tokens"):
+            if getattr(self, name) < 1:
+                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_tokens < 0:
+            raise FlagError(f"--sample_tokens must be >= 0, got {self.sample_tokens}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parse_flags(BaseLossFlags, argv)
+    start = time.time()
+    device_type = autodetect_device_type(flags.device_type)
+    dist = init_distributed(device_type)
+    model, tokenizer, meta = load_model("base", dist.device, flags.model_tag or None,
+                                        None if flags.step < 0 else flags.step, resolve_dtype(device_type, flags.dtype))
+    seq_len = model.config.max_seq_len
+    tokens_per_step = flags.device_batch_size * seq_len * dist.world_size
+    if flags.split_tokens < tokens_per_step:
+        raise FlagError(f"--split_tokens {flags.split_tokens} is less than one step of device_batch_size × "
+                        f"max_seq_len × ranks = {tokens_per_step} tokens; use a multiple of {tokens_per_step}")
+    num_steps = flags.split_tokens // tokens_per_step
+    bpb = {}
+    for split in ("train", "val"):
+        loader = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, split, dist.device,
+                                dist.rank, dist.world_size)
+        try:
+            bpb[split] = evaluate_bpb(model, loader, num_steps, tokenizer.token_bytes())
+        finally:
+            loader.close()
+        print0(f"{split} bpb: {bpb[split]:.4f} ({num_steps * tokens_per_step:,} tokens)")
+
+    samples = []
+    if dist.is_master and flags.sample_tokens > 0:
+        engine = Engine(model, tokenizer)
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+            results, _ = engine.generate_batch(tokens, max_tokens=flags.sample_tokens, temperature=0.0)
+            samples.append(prompt + tokenizer.decode(results[0][len(tokens):]))
+            print0(repr(samples[-1]))
+    report.log_section("Base model loss", [
+        {"checkpoint step": meta.get("step"), "split tokens": num_steps * tokens_per_step,
+         "train bpb": bpb["train"], "val bpb": bpb["val"]},
+        "Greedy samples:\n\n```\n" + "\n".join(samples) + "\n```" if samples else "",
+    ], source="base", wall_time_s=time.time() - start)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_main(main)
