@@ -159,7 +159,9 @@ def format_rate(flops_per_token, tok_per_s: float, peak: float | None, world: in
 def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[int], float], flags: TrainFlags,
           checkpoint_dir: Path, dist: DistInfo, num_iterations: int, grad_accum_steps: int,
           evals: list[Eval] | tuple = (), meta: dict | None = None, flops_per_token: float | None = None,
-          wandb_project: str = "nanochat") -> TrainResult:
+          wandb_project: str = "nanochat", loss_fn: Callable | None = None) -> TrainResult:
+    """`loss_fn(model, batch) -> loss` replaces the default `model(inputs, targets, doc_ids=...)` (chat_rl's
+    policy-gradient loss uses it); the batch's first element is still the (B, T) inputs."""
     checkpoint_dir = Path(checkpoint_dir)
     device = dist.device
     dtype = resolve_dtype(device.type, flags.dtype)
@@ -209,10 +211,13 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         step_tokens = 0
         for _ in range(grad_accum_steps):
-            inputs, targets, *rest = next(batches)
-            doc_ids = rest[0] if rest else None
+            batch = next(batches)
+            inputs, targets, *rest = batch
             with autocast():
-                loss = train_model(inputs, targets, doc_ids=doc_ids)
+                if loss_fn is None:
+                    loss = train_model(inputs, targets, doc_ids=rest[0] if rest else None)
+                else:
+                    loss = loss_fn(train_model, batch)
             (loss / grad_accum_steps).backward()
             loss_sum += loss.detach().float()
             step_tokens += inputs.numel()
