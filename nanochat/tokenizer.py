@@ -277,5 +277,10 @@ def _assistant_parts(content, index: int) -> list[dict]:
 
 
 def get_tokenizer() -> Tokenizer:
-    """The tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`."""
-    return Tokenizer.load(get_base_dir() / "tokenizer")
+    """The tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`: ours, or an imported model's (nanochat.hf_import)."""
+    directory = get_base_dir() / "tokenizer"
+    from nanochat.hf_import import HFTokenizer, is_hf_tokenizer_dir  # lazy: hf_import imports this module
+
+    if is_hf_tokenizer_dir(directory):
+        return HFTokenizer.load(directory)
+    return Tokenizer.load(directory)
