@@ -14,12 +14,12 @@ import torch.distributed as dist
 @torch.no_grad()
 def evaluate_bpb(model, batches: Iterator, num_steps: int, token_bytes: torch.Tensor) -> float:
     """bpb over `num_steps` batches of `(inputs, targets, ...)`; `token_bytes[id]` is each token's byte length."""
-    token_bytes = token_bytes.to(next(model.parameters(), torch.empty(0)).device)
-    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.int64)
     for _ in range(num_steps):
-        inputs, targets = next(batches)[:2]
-        inputs, targets = inputs.to(token_bytes.device), targets.to(token_bytes.device)
+        inputs, targets = next(batches)[:2]  # already on the model's device (the loader puts them there)
+        token_bytes, total_nats, total_bytes = (t.to(targets.device)
+                                                for t in (token_bytes, total_nats, total_bytes))
         losses = model(inputs, targets, loss_reduction="none").reshape(-1)
         flat = targets.reshape(-1)
         num_bytes = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], torch.zeros_like(flat))

@@ -5,8 +5,9 @@
 3. otherwise the public parquet files are fetched from the Hub (`tasks.hub`, atomic and cached), converted to
    the same row format and written there, so the next run reads step 2.
 
-`MultipleChoiceTask` is the categorical task ARC and MMLU share. Row format (as in `../shared/data/README.md`): multiple choice `{"id", "question", "choices", "answer": int}`
+Row format (as in `../shared/data/README.md`): multiple choice `{"id", "question", "choices", "answer": int}`
 (+ `subject` for MMLU); GSM8K `{"id", "question", "answer"}`; HumanEval as the package ships it.
+`MultipleChoiceTask` is the categorical task ARC and MMLU share.
 """
 from __future__ import annotations
 

@@ -61,7 +61,6 @@ def test_humaneval_code_extraction():
     assert body_only.startswith(prompt + "    return sum(x)\n")
 
 
-@pytest.mark.slow
 def test_humaneval_canonical_passes_and_wrong_fails(eval_dir):
     humaneval = HumanEval(data_dir=eval_dir, stop=6)
     for i in range(len(humaneval)):
@@ -71,7 +70,8 @@ def test_humaneval_canonical_passes_and_wrong_fails(eval_dir):
         assert humaneval.evaluate(example, f"```python\n{canonical}```")
     example = humaneval[0]
     assert not humaneval.evaluate(example, "    return not True\n")
-    assert not humaneval.evaluate(example, "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```")
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    assert not humaneval.evaluate(example, wrong)
 
 
 def test_missing_data_dir_file_names_the_fix(tmp_path):
