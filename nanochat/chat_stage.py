@@ -25,8 +25,27 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
 
 
 @dataclass
-class ChatTrainFlags(TrainFlags):
+class StageFlags(TrainFlags):
+    """Where a chat stage starts and how fast it learns."""
     step: int = flag(-1, "step of the --source checkpoint to start from; -1 = newest")
+    max_seq_len: int = flag(-1, "tokens per row; -1 = the model's max_seq_len")
+    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (before --init_lr_frac)")
+    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (before --init_lr_frac)")
+    matrix_lr: float = flag(0.02, "Muon LR of the block matrices (before --init_lr_frac)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    init_lr_frac: float = flag(1.0, "starting LR as a fraction of the LRs above")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_lr_frac <= 0:
+            raise FlagError(f"--init_lr_frac must be > 0, got {self.init_lr_frac}")
+        if self.step < -1:
+            raise FlagError(f"--step must be >= 0 or -1 (newest), got {self.step}")
+
+
+@dataclass
+class ChatTrainFlags(StageFlags):
+    """StageFlags plus the conversation mixture (mid and SFT)."""
     chat_data: str = flag("auto", "chat conversations: hub (smol-smoltalk), demo (chat_data/demo), or a directory "
                                   "with {train,val}.jsonl(.gz); auto = demo when built, else hub")
     identity_file: str = flag("", "jsonl of your own conversations (e.g. who made the model), mixed in twice; "
@@ -36,25 +55,15 @@ class ChatTrainFlags(TrainFlags):
     spelling_bee: int = flag(-1, "SpellingBee examples; -1 = the stage's share of the chat size; 0 = none")
     arithmetic: int = flag(-1, "calculator word problems; -1 = the stage's share of the chat size; 0 = none")
     words_file: str = flag("", "word list for the spelling tasks; empty = cache, /usr/share/dict or the shards")
-    max_seq_len: int = flag(-1, "tokens per row; -1 = the model's max_seq_len")
-    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (before --init_lr_frac)")
-    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (before --init_lr_frac)")
-    matrix_lr: float = flag(0.02, "Muon LR of the block matrices (before --init_lr_frac)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    init_lr_frac: float = flag(1.0, "starting LR as a fraction of the LRs above")
     eval_batches: int = flag(20, "val batches per val-loss evaluation")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init_lr_frac <= 0:
-            raise FlagError(f"--init_lr_frac must be > 0, got {self.init_lr_frac}")
         if self.eval_batches < 1:
             raise FlagError(f"--eval_batches must be >= 1, got {self.eval_batches}")
         for name in ("chat_examples", *SYNTHETIC):
             if getattr(self, name) < -1:
                 raise FlagError(f"--{name} must be >= 0 or -1 (stage default), got {getattr(self, name)}")
-        if self.step < -1:
-            raise FlagError(f"--step must be >= 0 or -1 (newest), got {self.step}")
 
 
 @dataclass
@@ -68,7 +77,7 @@ class Stage:
     seq_len: int
 
 
-def start_stage(flags: ChatTrainFlags, source: str, stage: str) -> Stage:
+def start_stage(flags: StageFlags, source: str, stage: str) -> Stage:
     """Distributed init, seeds, and the starting model (float32 master weights) from `source`'s checkpoint."""
     device_type = autodetect_device_type(flags.device_type)
     dist_info = init_distributed(device_type)
@@ -88,7 +97,7 @@ def start_stage(flags: ChatTrainFlags, source: str, stage: str) -> Stage:
     return Stage(dist_info, model, tokenizer, meta, tag, out_dir, seq_len)
 
 
-def stage_optimizers(model, flags: ChatTrainFlags) -> list:
+def stage_optimizers(model, flags: StageFlags) -> list:
     """The base optimizers with every LR scaled by --init_lr_frac (stored as each group's initial_lr)."""
     return setup_optimizers(model, embedding_lr=flags.embedding_lr * flags.init_lr_frac,
                             unembedding_lr=flags.unembedding_lr * flags.init_lr_frac,

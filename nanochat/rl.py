@@ -1,0 +1,103 @@
+"""On-policy RL pieces for chat_rl: rollouts as a resumable batch iterator, the policy-gradient loss, pass@k.
+
+Each micro-batch is one question: the engine samples `num_samples` answers from the current model, each gets
+reward 1 when the task's `evaluate` accepts it, and advantage = reward - mean reward of the group. The loss is
+-Σ advantage · log p(sampled token) / (number of sampled tokens), over tokens the model chose (not the prompt,
+not calculator output the engine forced, not padding). The trainer's `loss_fn` hook runs it inside the one loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_data import IGNORE
+from nanochat.engine import Engine
+from tasks.common import Task
+
+
+class RolloutBatches:
+    """`(inputs, targets, advantages)` per question, sampled on demand; the state is the question position."""
+
+    def __init__(self, model, tokenizer, task: Task, num_samples: int, max_new_tokens: int, temperature: float,
+                 top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.engine, self.tokenizer, self.task = Engine(model, tokenizer), tokenizer, task
+        self.max_seq_len = model.config.max_seq_len
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
+        self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
+        self.assistant_end = tokenizer.encode_special("<|assistant_end|>")
+        self.position = 0
+        self.reward_sum = 0.0
+        self.samples = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = (self.position * self.world_size + self.rank) % len(self.task)
+        conversation = self.task[index]
+        prompt = self.tokenizer.render_for_completion(conversation)
+        budget = min(self.max_new_tokens, self.max_seq_len - len(prompt) + 1)
+        # The seed follows the question, so a resumed run samples exactly what the original would have.
+        results, masks = self.engine.generate_batch(prompt, num_samples=self.num_samples, max_tokens=budget,
+                                                    temperature=self.temperature, top_k=self.top_k,
+                                                    seed=self.seed * 1_000_003 + index)
+        self.position += 1
+        rows, rewards = [], []
+        for tokens, mask in zip(results, masks):
+            completion = tokens[len(prompt):]
+            rewards.append(float(self.task.evaluate(conversation, self.tokenizer.decode(completion))))
+            if len(completion) < budget:  # stopped on its own: <|assistant_end|> was sampled too
+                tokens, mask = tokens + [self.assistant_end], mask + [1]
+            rows.append((tokens[:self.max_seq_len + 1], mask[:self.max_seq_len + 1]))
+        self.reward_sum += sum(rewards)
+        self.samples += len(rewards)
+        length = max(len(t) for t, _ in rows)
+        ids = torch.full((len(rows), length), self.assistant_end, dtype=torch.long)
+        targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        for i, (tokens, mask) in enumerate(rows):
+            ids[i, :len(tokens)] = torch.tensor(tokens)
+            targets[i, :len(tokens)] = torch.where(torch.tensor(mask, dtype=torch.bool), ids[i, :len(tokens)], IGNORE)
+        reward = torch.tensor(rewards)
+        advantages = reward - reward.mean()
+        return (ids[:, :-1].to(self.device), targets[:, 1:].to(self.device), advantages.to(self.device))
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / max(self.samples, 1)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "reward_sum": self.reward_sum, "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.reward_sum, self.samples = state["position"], state["reward_sum"], state["samples"]
+
+
+def policy_gradient_loss(model, batch) -> torch.Tensor:
+    """-mean over sampled tokens of advantage · log p(token); 0 (not NaN) when nothing was sampled."""
+    inputs, targets, advantages = batch
+    log_probs = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target is IGNORE
+    sampled = (targets != IGNORE).sum().clamp(min=1)
+    return -(log_probs * advantages[:, None].to(log_probs.dtype)).sum() / sampled
+
+
+@torch.no_grad()
+def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_tokens: int, temperature: float,
+              top_k: int | None, rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
+    """pass@1..k: the fraction of the first `num_problems` problems that one of the first j samples solves."""
+    engine = Engine(model, tokenizer)
+    solved = torch.zeros(k + 1, dtype=torch.float64)  # solved[j-1] counts pass@j; the last entry counts problems
+    for index in range(rank, min(num_problems, len(task)), world_size):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        budget = min(max_new_tokens, model.config.max_seq_len - len(prompt) + 1)
+        results, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=budget, temperature=temperature,
+                                           top_k=top_k, seed=seed + index)
+        correct = [task.evaluate(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
+        for j in range(1, k + 1):
+            solved[j - 1] += float(any(correct[:j]))
+        solved[k] += 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(solved)
+    problems = solved[k].clamp(min=1)
+    return {f"pass@{j}": (solved[j - 1] / problems).item() for j in range(1, k + 1)}

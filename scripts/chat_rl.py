@@ -1,0 +1,106 @@
+"""On-policy RL on word problems (GSM8K, or the synthetic arithmetic task) from the SFT model.
+
+    python -m scripts.chat_rl                                    # newest sft checkpoint, GSM8K train, one epoch
+    python -m scripts.chat_rl --task arithmetic --num_iterations 50
+
+Per question the engine samples `--num_samples` answers; reward 1 for a correct final answer, advantage =
+reward - the group's mean, and a policy-gradient step on the sampled tokens (nanochat/rl.py). pass@1..k on the
+val split every `--eval_every` steps; checkpoints every `--save_every`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from nanochat import report
+from nanochat.chat_stage import StageFlags, stage_optimizers, start_stage
+from nanochat.common import UserError, cleanup_distributed, print0
+from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
+from nanochat.schedules import warmup_warmdown
+from nanochat.trainer import Eval, train
+from tasks.arithmetic import Arithmetic
+from tasks.common import Task
+
+
+@dataclass
+class RLFlags(StageFlags):
+    source: str = flag("sft", "checkpoint to start from", choices=("sft", "mid"))
+    task: str = flag("gsm8k", "problems to learn from", choices=("gsm8k", "arithmetic"))
+    train_examples: int = flag(-1, "questions in the train split; -1 = all (arithmetic: 8000)")
+    num_samples: int = flag(16, "answers sampled per question")
+    examples_per_step: int = flag(16, "questions per optimizer step across all ranks (one per micro-step)")
+    max_new_tokens: int = flag(256, "longest sampled answer in tokens")
+    temperature: float = flag(1.0, "sampling temperature for rollouts and pass@k")
+    top_k: int = flag(50, "sample from the k likeliest tokens; -1 = off")
+    init_lr_frac: float = flag(0.05, "starting LR as a fraction of the base LRs")
+    eval_every: int = flag(60, "steps between pass@k evaluations; -1 = off")
+    eval_examples: int = flag(400, "val questions per pass@k evaluation")
+    eval_samples: int = flag(4, "k of pass@k: samples per val question")
+    save_every: int = flag(60, "steps between checkpoints; -1 = only the final step")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_samples", "examples_per_step", "max_new_tokens", "eval_examples", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise FlagError(f"--temperature must be > 0 for sampling, got {self.temperature}")
+
+
+def rl_task(flags: RLFlags, split: str) -> Task:
+    if flags.task == "arithmetic":
+        size = 8000 if flags.train_examples == -1 else flags.train_examples
+        return Arithmetic(size if split == "train" else max(1, size // 10), split=split)
+    try:
+        from tasks.gsm8k import GSM8K  # the evals engineer's task: train split for RL, test split held out
+    except ImportError as exc:
+        raise UserError("tasks/gsm8k.py is not available in this checkout; use --task arithmetic") from exc
+    task = GSM8K(split="train" if split == "train" else "test")
+    if split == "train" and flags.train_examples != -1:
+        task.stop = flags.train_examples
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parse_flags(RLFlags, argv)
+    started = time.time()
+    stage = start_stage(flags, flags.source, "rl")
+    dist, model, tokenizer = stage.dist, stage.model, stage.tokenizer
+    train_task, val_task = rl_task(flags, "train"), rl_task(flags, "val")
+    if flags.examples_per_step % dist.world_size:
+        raise FlagError(f"--examples_per_step {flags.examples_per_step} is not a multiple of {dist.world_size} "
+                        f"ranks; try --examples_per_step {max(1, round(flags.examples_per_step / dist.world_size)) * dist.world_size}")
+    accum = flags.examples_per_step // dist.world_size
+    num_iterations = flags.num_iterations
+    if num_iterations == -1:
+        num_iterations = max(1, len(train_task) // flags.examples_per_step)
+    print0(f"chat_rl: {flags.task}, {len(train_task):,} train questions, {num_iterations} steps of "
+           f"{flags.examples_per_step} questions × {flags.num_samples} samples")
+    top_k = None if flags.top_k == -1 else flags.top_k
+    batches = RolloutBatches(model, tokenizer, train_task, flags.num_samples, flags.max_new_tokens,
+                             flags.temperature, top_k, dist.device, dist.rank, dist.world_size, flags.seed)
+
+    def evaluate(eval_model, step):
+        metrics = pass_at_k(eval_model, tokenizer, val_task, flags.eval_examples, flags.eval_samples,
+                            flags.max_new_tokens, flags.temperature, top_k, dist.rank, dist.world_size, flags.seed)
+        return {**metrics, "train_reward": batches.mean_reward}
+
+    result = train(model, stage_optimizers(model, flags), batches,
+                   lr_schedule=warmup_warmdown(num_iterations, 0, 1.0, 0.0), flags=flags,
+                   checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations, grad_accum_steps=accum,
+                   evals=[Eval("pass@k", flags.eval_every, evaluate)],
+                   meta={"source": flags.source, "source_step": stage.source_meta["step"], "task": flags.task},
+                   loss_fn=policy_gradient_loss)
+    print0(f"chat_rl: {result.step} steps, mean train reward {batches.mean_reward:.4f}; "
+           f"checkpoint {result.checkpoint}")
+    report.log_section("Chat RL", [{
+        "source": f"{flags.source}/{stage.tag} step {stage.source_meta['step']}", "task": flags.task,
+        "steps": result.step, "samples per question": flags.num_samples,
+        "mean train reward": round(batches.mean_reward, 4), **result.metrics,
+    }], source="rl", wall_time_s=time.time() - started)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_main(main)
