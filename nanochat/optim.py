@@ -194,6 +194,10 @@ def setup_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0
     else:
         adam_groups = [{"params": [model.lm_head.weight], "lr": unembedding_lr * scale},
                        {"params": [model.wte.weight], "lr": embedding_lr * scale}]
+    # learnable RMSNorm gains (imported Llama-family models) are vectors: AdamW, not Muon
+    gains = [p for p in model.parameters() if p.ndim == 1]
+    if gains:
+        adam_groups.append({"params": gains, "lr": unembedding_lr * scale})
     adamw = AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-    muon = Muon(model.blocks.parameters(), lr=matrix_lr)
+    muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=matrix_lr)
     return [adamw, muon]
