@@ -168,8 +168,9 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
 
 
 def discard(path: Path) -> None:
-    """Rename to .tmp first so a crash mid-delete leaves a directory that is ignored, never a half one."""
-    doomed = path.with_name(path.name + ".tmp")
+    """Rename to *.old.tmp first so a crash mid-delete leaves a directory that is ignored, never a half one
+    (and never the name of the step_N.tmp being written)."""
+    doomed = path.with_name(path.name + ".old.tmp")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)

@@ -8,12 +8,8 @@ Run length: --num_iterations, else --target_flops, else --target_param_data_rati
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
-
-import torch
-import torch.distributed as torch_dist
 
 from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model
@@ -22,6 +18,7 @@ from nanochat.dataloader import PretrainLoader
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import warmup_warmdown
 from nanochat.tokenizer import get_tokenizer
@@ -82,23 +79,15 @@ def resolve_num_iterations(flags: BaseTrainFlags, num_params: int, flops_per_tok
     return steps, why
 
 
-def bits_per_byte(model, tokenizer, flags: BaseTrainFlags, dist, seq_len: int) -> float:
-    """Sum of nats over val tokens / (ln 2 · their UTF-8 bytes); special tokens (0 bytes) are left out."""
-    token_bytes = tokenizer.token_bytes().to(dist.device)
+def val_bpb(model, tokenizer, flags: BaseTrainFlags, dist, seq_len: int) -> float:
+    """Bits per byte on the first --eval_tokens of the val split (the same tokens at every evaluation)."""
     steps = max(1, flags.eval_tokens // (flags.device_batch_size * seq_len * dist.world_size))
     loader = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "val", dist.device, dist.rank,
                             dist.world_size)
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for _ in range(steps):
-        inputs, targets = next(loader)[:2]
-        losses = model(inputs, targets, loss_reduction="none").double()
-        num_bytes = token_bytes[targets.clamp(min=0)] * (targets >= 0)
-        totals[0] += (losses * (num_bytes > 0)).sum()
-        totals[1] += num_bytes.sum()
-    loader.close()
-    if dist.world_size > 1:
-        torch_dist.all_reduce(totals)
-    return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
+    try:
+        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
+    finally:
+        loader.close()
 
 
 def print_samples(model, tokenizer, is_master: bool) -> None:
@@ -113,7 +102,7 @@ def print_samples(model, tokenizer, is_master: bool) -> None:
 
 def build_evals(flags: BaseTrainFlags, tokenizer, dist, seq_len: int) -> list[Eval]:
     evals = [Eval("val_bpb", flags.eval_every,
-                  lambda model, step: {"val_bpb": bits_per_byte(model, tokenizer, flags, dist, seq_len)}),
+                  lambda model, step: {"val_bpb": val_bpb(model, tokenizer, flags, dist, seq_len)}),
              Eval("sample", flags.sample_every,
                   lambda model, step: print_samples(model, tokenizer, dist.is_master))]
     if flags.core_metric_every != -1:

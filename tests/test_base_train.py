@@ -1,0 +1,139 @@
+"""scripts.base_train end to end on a slice of real shards: learning, checkpoints, resume under torchrun
+(standalone and two "nodes" on 127.0.0.1), kill -9 mid-save, and one-line errors for bad flags."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model
+from nanochat.flags import FlagError
+from scripts.base_train import main
+from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, read_losses, subprocess_env, torchrun_cmd
+
+RUN_ARGS = [*TINY_MODEL_ARGS, "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=256",
+            "--sample_every=-1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data):
+    directory = tmp_path_factory.mktemp("base")
+    make_mini_corpus(directory, shared_data)
+    return directory
+
+
+@pytest.fixture
+def base(corpus, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(corpus))
+    return corpus
+
+
+def tag_dir(base, tag):
+    return base / "base_checkpoints" / tag
+
+
+def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
+    main([*RUN_ARGS, "--model_tag=learn", "--num_iterations=30", "--eval_every=15", "--sample_every=30"])
+    out = capsys.readouterr().out
+    losses = read_losses(tag_dir(base, "learn") / "train_log.jsonl")
+    assert sorted(losses) == list(range(1, 31))
+    assert sum(losses[s] for s in range(26, 31)) < 0.85 * sum(losses[s] for s in range(1, 6))
+    bpb = [json.loads(line)["val_bpb"] for line in open(tag_dir(base, "learn") / "train_log.jsonl")
+           if "val_bpb" in line]
+    assert len(bpb) == 3 and bpb[-1] < bpb[0]
+    assert "GFLOP/s" in out and "tok/s" in out and "sample: 'The capital of France is" in out
+    model, tokenizer, meta = load_model("base", "cpu", tag="learn")
+    assert meta["step"] == 30 and meta["val_bpb"] == bpb[-1] and meta["model_config"]["depth"] == 2
+    ids = torch.tensor([tokenizer.encode("Hello world", prepend=tokenizer.bos_token_id)])
+    assert torch.isfinite(model(ids)).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--total_batch_size=1000"], "--total_batch_size 1000 is not a multiple of 128 tokens per micro-step"),
+    (["--total_batch_size=320"], "try --total_batch_size 256 or --device_batch_size 2"),
+    (["--depth=0"], "--depth must be >= 1"),
+    (["--model_dim=40", "--num_heads=2"], r"--model_dim 40 is not num_heads × head_dim \(2 × 16 = 32\)"),
+    (["--keep_last=0"], "--keep_last must be >= 1 or -1"),
+    (["--sample_every=0"], "--sample_every must be >= 1 or -1"),
+    (["--num_iterations=-1", "--target_param_data_ratio=0.0001"], "gives 0 steps"),
+    (["--resume", "--model_tag=never_trained"], "--resume found no complete checkpoint"),
+])
+def test_bad_flags_name_the_fix(base, args, message):
+    with pytest.raises(FlagError, match=message):
+        main([*RUN_ARGS, "--num_iterations=2", *args])
+
+
+def test_bad_flag_is_one_line_on_stderr(base):
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *RUN_ARGS, "--total_batch_size=1000"],
+                            capture_output=True, text=True, env=subprocess_env(base), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: --total_batch_size 1000")
+
+
+@pytest.mark.slow
+def test_kill_during_save_resumes_from_previous_complete_step(base):
+    main([*RUN_ARGS, "--model_tag=killed", "--num_iterations=4", "--save_every=2", "--eval_every=-1"])
+    assert complete_steps(tag_dir(base, "killed")) == [2, 4]
+    args = [*RUN_ARGS, "--model_tag=killed", "--num_iterations=6", "--save_every=2", "--eval_every=-1", "--resume"]
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(base, **{PAUSE_ENV: "120"}))
+    try:
+        for line in proc.stdout:
+            if line.startswith("pausing"):
+                break
+        assert (tag_dir(base, "killed") / "step_000006.tmp" / "model.safetensors").is_file()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert complete_steps(tag_dir(base, "killed")) == [2, 4]
+    main(args)
+    assert complete_steps(tag_dir(base, "killed")) == [4, 6]
+    assert not list(tag_dir(base, "killed").glob("*.tmp"))
+    assert sorted(read_losses(tag_dir(base, "killed") / "train_log.jsonl")) == list(range(1, 7))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_exact_and_two_nodes_run(base):
+    """2 ranks train 6 steps (checkpoints at 3 and 6); then two one-process "nodes" on 127.0.0.1 resume from
+    step 3: steps 4-6 must repeat bit for bit."""
+    args = [*RUN_ARGS, "--model_tag=dist", "--num_iterations=6", "--save_every=3", "--keep_last=-1",
+            "--eval_every=-1", "--device_type=cpu"]
+    env = subprocess_env(base)
+    first = subprocess.run(torchrun_cmd(2, "-m", "scripts.base_train", *args), capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    straight = read_losses(tag_dir(base, "dist") / "train_log.jsonl")
+    assert sorted(straight) == list(range(1, 7))
+    meta = json.loads((tag_dir(base, "dist") / "step_000006" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and {"optim_rank0.pt", "optim_rank1.pt", "rng_rank1.pt"} <= set(meta["files"])
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=static", f"--rdzv_endpoint={endpoint}",
+                               "-m", "scripts.base_train", *args, "--resume_from_step=3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in range(2)]
+    outputs = []
+    deadline = time.time() + 300
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=max(1, deadline - time.time()))[0])
+        finally:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    resumed = read_losses(tag_dir(base, "dist") / "train_log.jsonl")
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+    assert "resumed from" in outputs[0]
