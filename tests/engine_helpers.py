@@ -2,6 +2,12 @@
 strings, random depth-1/2 GPTs, a GPT with known logits, and a saved checkpoint in a test base dir."""
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import string
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -60,12 +66,83 @@ def known_logits_gpt(vocab_size: int, logits_by_token: dict[int, float], max_seq
     return model.eval()
 
 
-def save_tiny_checkpoint(base_dir: Path, source: str = "base", tag: str = "d1", step: int = 5,
-                         max_seq_len: int = 128) -> tuple[GPT, Tokenizer]:
-    """A tokenizer in base_dir/tokenizer and a random depth-1 model saved where `load_model(source)` finds it."""
-    tokenizer = train_tokenizer()
-    tokenizer.save(base_dir / "tokenizer")
-    model = random_gpt(tokenizer.vocab_size, depth=1, max_seq_len=max_seq_len)
+def printable_gpt(tokenizer: Tokenizer, max_seq_len: int = 128, seed: int = 0) -> GPT:
+    """A random depth-1 GPT that can only win greedy picks with plain printable ASCII tokens (no newlines,
+    no '#', no special tokens), so its text is safe to show in a terminal and compare with the screen."""
+    model = random_gpt(tokenizer.vocab_size, depth=1, max_seq_len=max_seq_len, seed=seed)
+    allowed = set(string.ascii_letters + string.digits + " .,?!'")
+    with torch.no_grad():
+        for token in range(tokenizer.vocab_size):
+            if not set(tokenizer.decode([token])) <= allowed or token >= len(tokenizer.mergeable_ranks):
+                model.lm_head.weight[token] = 0.0
+    return model
+
+
+def save_model(base_dir: Path, model: GPT, source: str = "base", tag: str = "d1", step: int = 5) -> None:
+    """Save `model` where `load_model(source)` finds it (weights only, no optimizer)."""
     save_checkpoint(base_dir / CHECKPOINT_DIRS[source] / tag, step, model, optimizers=[], meta={},
                     rank_state={}, keep_last=-1)
-    return model, tokenizer
+
+
+def train_tool_caller(tokenizer: Tokenizer, sequence: list[int], steps: int = 150) -> GPT:
+    """Overfit a depth-1 GPT on one conversation so greedy decoding reproduces its tool call."""
+    model = random_gpt(tokenizer.vocab_size, depth=1, max_seq_len=64).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([sequence])
+    for _ in range(steps):
+        loss = model(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+TOOL_CONVERSATION = {"messages": [
+    {"role": "user", "content": "What is 6 times 7?"},
+    # the training answer says 41: generation must show the calculator's 42, not what the model learned
+    {"role": "assistant", "content": [{"type": "python", "text": "6*7"},
+                                      {"type": "python_output", "text": "41"},
+                                      {"type": "text", "text": " so 42."}]},
+]}
+
+
+class Tmux:
+    """A command running in a detached tmux session on a private socket, driven with send-keys like a user."""
+
+    def __init__(self, command: str, env: dict[str, str], width: int = 120, height: int = 40):
+        self.socket = f"nanochat-test-{os.getpid()}-{id(self)}"
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        # keep the pane after exit so the last screen and the exit code can still be read
+        script = f"export {exports}; {command}; echo EXIT=$?; sleep 600"
+        self.tmux("new-session", "-d", "-s", "main", "-x", str(width), "-y", str(height),
+                  f"bash -c {shlex.quote(script)}")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
+                              text=True).stdout
+
+    def send(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "main", *keys)
+
+    def type_line(self, text: str) -> None:
+        self.tmux("send-keys", "-t", "main", "-l", text)
+        self.send("Enter")
+
+    def screen(self, escapes: bool = False) -> str:
+        """The whole pane history, wrapped lines joined, trailing blank space dropped; with `escapes`, colour
+        codes included."""
+        args = ["capture-pane", "-p", "-J", "-S", "-", "-t", "main", *(["-e"] if escapes else [])]
+        return self.tmux(*args).rstrip()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, escapes: bool = False) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.screen(escapes), re.S)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never matched {pattern!r}:\n{self.screen()}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)

@@ -7,7 +7,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_parts, sample_next_token
-from tests.engine_helpers import known_logits_gpt, random_gpt, train_tokenizer
+from tests.engine_helpers import TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer, train_tool_caller
 
 
 @pytest.fixture(scope="module")
@@ -224,29 +224,9 @@ def test_stream_decoder_holds_back_a_possible_stop_string(tokenizer):
     assert "".join(pieces) == "say EN" and decoder.stopped and decoder.flush() == ""
 
 
-def train_tool_caller(tokenizer, sequence, steps=150):
-    """Overfit a depth-1 GPT on one conversation so greedy decoding reproduces its tool call."""
-    torch.manual_seed(0)
-    model = random_gpt(tokenizer.vocab_size, depth=1, max_seq_len=64).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.tensor([sequence])
-    for _ in range(steps):
-        loss = model(ids[:, :-1], ids[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_calculator_round_trip_inside_generation(tokenizer):
-    conversation = {"messages": [
-        {"role": "user", "content": "What is 6 times 7?"},
-        # the training answer says 41: the engine must force the calculator's 42 instead of what was learned
-        {"role": "assistant", "content": [{"type": "python", "text": "6*7"},
-                                          {"type": "python_output", "text": "41"},
-                                          {"type": "text", "text": " so 42."}]},
-    ]}
+    conversation = TOOL_CONVERSATION
     sequence, _ = tokenizer.render_conversation(conversation)
     model = train_tool_caller(tokenizer, sequence)
     engine = Engine(model, tokenizer)
