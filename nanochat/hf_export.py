@@ -237,13 +237,18 @@ def write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; pass a new directory")
+    return out
+
+
 def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write the folder atomically: everything goes to `<out>.tmp/` first, which is renamed when complete.
 
     Refuses an `out_dir` that exists and is not empty, so nothing of the user's is overwritten."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; pass a new directory")
+    out = check_out_dir(out_dir)
     if not hasattr(tokenizer, "mergeable_ranks") or not isinstance(tokenizer.mergeable_ranks, dict) \
             or not tokenizer.mergeable_ranks:
         raise UserError("only models with a nanochat-trained tokenizer can be exported (this one was imported)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.flags import FlagError, flag, parse_flags, run_main
-from nanochat.hf_export import export_hf
+from nanochat.hf_export import check_out_dir, export_hf
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ExportFlags:
 
 def main(argv=None) -> None:
     flags = parse_flags(ExportFlags, argv)
+    check_out_dir(flags.out)  # before loading: a taken --out should not cost a model load
     model, tokenizer, _ = load_model(flags.source, "cpu", tag=flags.model_tag or None,
                                      step=None if flags.step == -1 else flags.step)
     out = export_hf(model, tokenizer, flags.out)
