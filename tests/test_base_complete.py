@@ -11,7 +11,8 @@ from nanochat.engine import Engine
 from nanochat.flags import run_main
 from nanochat.terminal import crop_to_context
 from scripts import base_complete
-from tests.engine_helpers import Tmux, printable_gpt, save_model, train_tokenizer
+from tests.engine_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
+from tests.engine_helpers import SUBPROCESS_ENV, Tmux, printable_gpt, save_model, train_tokenizer
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -85,7 +86,7 @@ def test_one_shot_prompt(checkpoint, monkeypatch, capsys):
 @pytest.mark.slow
 def test_piped_stdin(checkpoint):
     base_dir, engine = checkpoint
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
+    env = {**os.environ, **SUBPROCESS_ENV, "NANOCHAT_BASE_DIR": str(base_dir)}
     command = [sys.executable, "-m", "scripts.base_complete", "--model_tag", "d1", "--temperature", "0",
                "--max_tokens", "12"]
     result = subprocess.run(command, input="hello world", env=env, capture_output=True, text=True, timeout=120)

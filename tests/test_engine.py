@@ -7,7 +7,9 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_parts, sample_next_token
-from tests.engine_helpers import TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer, train_tool_caller
+from tests.engine_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
+from tests.engine_helpers import (TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer,
+                                  train_tool_caller)
 
 
 @pytest.fixture(scope="module")
