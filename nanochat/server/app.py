@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from nanochat.server.schemas import ChatCompletionRequest, CompletionRequest, Sa
 from nanochat.server.workers import Worker, WorkerPool
 
 logger = logging.getLogger("nanochat.server")
+GIL_SWITCH_INTERVAL = 0.001  # seconds
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; only the access log ever sees it
 
 
@@ -97,8 +99,13 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Generation threads hold the GIL between torch ops; CPython's default 5 ms switch interval then makes
+        # every await of the event loop wait, and /health takes hundreds of ms while workers are busy.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         threading.Thread(target=load_in_background, name="nanochat-load", daemon=True).start()
         yield
+        sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="nanochat", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible chat and completion API for a nanochat checkpoint")

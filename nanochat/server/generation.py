@@ -36,9 +36,13 @@ class SamplingParams:
 
 @dataclass
 class Step:
-    """What one engine step produced: text per row (may be empty) and rows that finished with their reason."""
+    """What one or more engine steps produced: text per row (may be empty) and rows that finished, with reasons."""
     deltas: list[str]
     finished: dict[int, str] = field(default_factory=dict)
+
+    def merge(self, later: Step) -> None:
+        self.deltas = [a + b for a, b in zip(self.deltas, later.deltas)]
+        self.finished.update(later.finished)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 one model (its weights are read-only during generation, and each request has its own KV cache)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from nanochat.checkpoint import complete_steps, load_model, newest_tag, source_dir
@@ -26,6 +28,9 @@ def load_workers(source: str, tag: str | None, step: int | None, device_type: st
                  num_workers: int) -> LoadedModel:
     """Load `source` (newest tag and step unless given) once per distinct device and wrap one Engine per worker."""
     devices = worker_devices(device_type, num_workers)
+    if device_type == "cpu" and num_workers > 1:
+        # workers generate side by side: split the cores between them rather than oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
     tag = tag or newest_tag(source_dir(source))
     steps = complete_steps(source_dir(source) / tag)
     if not steps:

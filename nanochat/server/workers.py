@@ -26,6 +26,34 @@ class Worker:
     device: str
 
 
+class StepRelay:
+    """Hands steps from a worker thread to the event loop, merging the steps that arrive while a hand-over is
+    still pending: a fast model then costs the loop one wake-up per batch of tokens instead of one per token,
+    which keeps /health and the other streams responsive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_step: Callable[[Step], None]):
+        self.loop = loop
+        self.on_step = on_step
+        self.lock = threading.Lock()
+        self.pending: Step | None = None
+
+    def push(self, step: Step) -> None:
+        with self.lock:
+            if self.pending is not None:
+                self.pending.merge(step)
+                return
+            self.pending = step
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the loop closed (server shutdown)
+            pass
+
+    def deliver(self) -> None:
+        with self.lock:
+            step, self.pending = self.pending, None
+        self.on_step(step)
+
+
 class WorkerPool:
     def __init__(self, workers: list[Worker], tokenizer, max_queue: int):
         self.workers = workers
@@ -91,11 +119,12 @@ class WorkerPool:
             self.release(worker)
             on_done(outcome)
 
+        relay = StepRelay(loop, on_step)
+
         def body() -> None:
-            outcome = run_generation(worker.engine, self.tokenizer, prompt_ids, params, cancel,
-                                     lambda step: loop.call_soon_threadsafe(on_step, step))
+            outcome = run_generation(worker.engine, self.tokenizer, prompt_ids, params, cancel, relay.push)
             try:
-                loop.call_soon_threadsafe(finish, outcome)
+                loop.call_soon_threadsafe(finish, outcome)  # queued after the last relayed step
             except RuntimeError:  # the loop closed under us (server shutdown): nothing is waiting any more
                 pass
 
