@@ -1,0 +1,123 @@
+"""Architecture and memory calculator: what a model flag set costs before you train it.
+
+    python -m scripts.model_info --depth=4 --model_dim=512 --head_dim=64 --vocab_size=24576
+    python -m scripts.model_info --depth=20 --device_batch_size=32 --vram_gb=24        # what fits a 24 GB card
+    python -m scripts.model_info --depth=20 --check_free_vram                          # exit 2 if it will not fit
+
+Prints the parameter split, FLOPs per token, tokens and steps for a param:data ratio, and the estimated peak
+memory per device (weights, grads, optimizer state, activations) with and without activation checkpointing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import UserError, autodetect_device_type, get_base_dir
+from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.gpt import ModelFlags, model_config
+from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory, meta_model
+
+DEFAULT_VOCAB = 65536
+GIB = 2**30
+
+
+@dataclass
+class ModelInfoFlags(ModelFlags):
+    """Parameters, FLOPs and peak training memory for a model flag set."""
+    vocab_size: int = flag(-1, "vocabulary size; -1 = the saved tokenizer's, else 65536")
+    device_batch_size: int = flag(32, "rows per device per micro-step")
+    total_batch_size: int = flag(524288, "tokens per optimizer step (for the step count)")
+    target_param_data_ratio: float = flag(20.0, "training tokens per parameter")
+    world_size: int = flag(1, "ranks in the run (they split the optimizer state)")
+    dtype: str = flag("bfloat16", "compute dtype: bfloat16 (autocast, as on GPU) or float32 (as on CPU)",
+                      choices=("bfloat16", "float32"))
+    activation_checkpointing: bool = flag(False, "the setting --vram_gb and --check_free_vram judge")
+    vram_gb: float = flag(-1.0, "memory per device in GiB: print the largest device batch that fits; -1 = off")
+    check_free_vram: bool = flag(False, "exit 2 with what to lower when the estimate exceeds this GPU's free memory")
+    measure: bool = flag(False, "also run two real training steps and print the measured peak")
+
+    def __post_init__(self):
+        for name in ("device_batch_size", "total_batch_size", "world_size"):
+            if getattr(self, name) < 1:
+                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size == 0 or self.vocab_size < -1:
+            raise FlagError(f"--vocab_size must be >= 1 or -1 (the tokenizer's), got {self.vocab_size}")
+        if self.vram_gb == 0 or self.vram_gb < -1:
+            raise FlagError(f"--vram_gb must be > 0 or -1 (off), got {self.vram_gb}")
+
+
+def resolve_vocab(flags: ModelInfoFlags) -> tuple[int, str]:
+    if flags.vocab_size != -1:
+        return flags.vocab_size, "--vocab_size"
+    try:
+        from nanochat.tokenizer import get_tokenizer
+
+        return get_tokenizer().vocab_size, f"tokenizer in {get_base_dir() / 'tokenizer'}"
+    except UserError:
+        return DEFAULT_VOCAB, "default, no tokenizer found"
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parse_flags(ModelInfoFlags, argv)
+    vocab, vocab_from = resolve_vocab(flags)
+    config = model_config(flags, vocab)
+    model = meta_model(config)
+    counts = model.num_params()
+    flops = model.estimate_flops(config.max_seq_len)
+    tokens = flags.target_param_data_ratio * counts["total"]
+    print(f"model: depth {config.depth}, model_dim {config.model_dim}, {config.num_heads} heads "
+          f"({config.num_kv_heads} kv) × head_dim {config.head_dim}, max_seq_len {config.max_seq_len}, "
+          f"vocab {config.vocab_size} ({vocab_from}; padded {config.padded_vocab_size})")
+    print(f"parameters: {counts['total']:,} = embedding {counts['embedding']:,} + blocks {counts['blocks']:,} "
+          f"+ lm_head {counts['lm_head']:,}")
+    print(f"FLOPs per token (fwd+bwd): {flops:.4e}")
+    print(f"param:data {flags.target_param_data_ratio:g} -> {tokens:,.0f} tokens = "
+          f"{max(1, round(tokens / flags.total_batch_size)):,} steps of {flags.total_batch_size:,} tokens, "
+          f"{flops * tokens:.3e} FLOPs")
+    autocast = flags.dtype == "bfloat16"
+    settings = dict(autocast=autocast, world_size=flags.world_size)
+    print(f"peak memory per device at --device_batch_size {flags.device_batch_size} ({flags.dtype} compute, "
+          f"{flags.world_size} rank(s)):")
+    for checkpointing in (False, True):
+        est = estimate_memory(config, flags.device_batch_size, activation_checkpointing=checkpointing, **settings)
+        label = "with activation checkpointing" if checkpointing else "without activation checkpointing"
+        print(f"  {label}: {gib(est.total)} = weights {gib(est.weights)} + grads {gib(est.grads)} + "
+              f"optimizer {gib(est.optimizer)} + activations {gib(est.activations)}")
+    settings["activation_checkpointing"] = flags.activation_checkpointing
+    if flags.vram_gb != -1:
+        fits = largest_batch(config, flags.vram_gb * GIB, **settings)
+        print(f"largest --device_batch_size that fits {flags.vram_gb:g} GiB: {fits}"
+              + ("" if fits else " (none: lower --depth/--model_dim/--max_seq_len or add --world_size)"))
+    if flags.check_free_vram:
+        check_free_vram(config, flags, settings)
+    if flags.measure:
+        device = torch.device(autodetect_device_type("auto"))
+        measured = measure_peak_memory(config, flags.device_batch_size, device, flags.activation_checkpointing)
+        estimate = estimate_memory(config, flags.device_batch_size,
+                                   autocast=device.type == "cuda",
+                                   activation_checkpointing=flags.activation_checkpointing).total
+        print(f"measured peak on {device.type}: {gib(measured)} (estimate {gib(estimate)}, "
+              f"ratio {estimate / measured:.2f})")
+
+
+def check_free_vram(config, flags: ModelInfoFlags, settings: dict) -> None:
+    if not torch.cuda.is_available():
+        raise UserError("--check_free_vram needs a CUDA GPU; use --vram_gb to size for one")
+    free, _ = torch.cuda.mem_get_info()
+    need = estimate_memory(config, flags.device_batch_size, **settings).total
+    if need > free:
+        fits = largest_batch(config, free, **settings)
+        hint = f"lower --device_batch_size to {fits}" if fits else "lower --depth or --max_seq_len"
+        if not flags.activation_checkpointing:
+            hint += " or add --activation_checkpointing"
+        raise UserError(f"estimated peak {gib(need)} exceeds the {gib(free)} free on this GPU; {hint}")
+    print(f"fits: estimated peak {gib(need)} of {gib(free)} free")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,78 @@
+"""scripts.model_info and nanochat.sizing: parameter split, run length, and the memory estimate checked against
+the measured peak of real training steps on CPU (and on GPU when one is present)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.flags import FlagError
+from nanochat.gpt import GPTConfig
+from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory
+from scripts.model_info import main
+from tests.training_fixtures import REPO, subprocess_env
+
+GIB = 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_within_25_percent_of_measured_cpu_peak(checkpointing):
+    config = GPTConfig(depth=2, model_dim=64, num_heads=2, num_kv_heads=2, head_dim=32, max_seq_len=64,
+                       vocab_size=500)
+    measured = measure_peak_memory(config, 8, torch.device("cpu"), activation_checkpointing=checkpointing)
+    estimate = estimate_memory(config, 8, autocast=False, activation_checkpointing=checkpointing).total
+    assert 0.75 <= estimate / measured <= 1.25, (estimate, measured)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_estimate_within_25_percent_of_measured_gpu_peak():
+    config = GPTConfig(depth=4, model_dim=256, num_heads=4, num_kv_heads=4, head_dim=64, max_seq_len=512,
+                       vocab_size=8192)
+    measured = measure_peak_memory(config, 8, torch.device("cuda"))
+    estimate = estimate_memory(config, 8, autocast=True).total
+    assert 0.75 <= estimate / measured <= 1.25, (estimate, measured)
+
+
+def test_checkpointing_saves_memory_and_largest_batch_is_tight():
+    config = GPTConfig(depth=12, model_dim=768, num_heads=6, num_kv_heads=6, head_dim=128, max_seq_len=2048,
+                       vocab_size=65536)
+    plain = estimate_memory(config, 16, autocast=True)
+    saved = estimate_memory(config, 16, autocast=True, activation_checkpointing=True)
+    assert saved.activations < 0.5 * plain.activations and saved.weights == plain.weights
+    fits = largest_batch(config, 24 * GIB, autocast=True)
+    assert estimate_memory(config, fits, autocast=True).total <= 24 * GIB
+    assert estimate_memory(config, fits + 1, autocast=True).total > 24 * GIB
+    sharded = estimate_memory(config, 16, autocast=True, world_size=8)
+    assert sharded.optimizer == pytest.approx(plain.optimizer / 8, rel=1e-6)
+
+
+def test_ittybitty_report(capsys):
+    main(["--depth=4", "--model_dim=512", "--head_dim=64", "--vocab_size=24576", "--vram_gb=24",
+          "--target_param_data_ratio=20", "--total_batch_size=524288"])
+    out = capsys.readouterr().out
+    assert "8 heads" in out
+    assert "parameters: 37,748,736 = embedding 12,582,912 + blocks 12,582,912 + lm_head 12,582,912" in out
+    assert "754,974,720 tokens = 1,440 steps" in out
+    assert "with activation checkpointing:" in out and "largest --device_batch_size that fits 24 GiB:" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vram_gb=0"], "--vram_gb must be > 0 or -1"),
+    (["--depth=4", "--model_dim=500", "--num_heads=8", "--head_dim=64"], r"\(8 × 64 = 512\)"),
+    (["--device_batch_size=0"], "--device_batch_size must be >= 1"),
+])
+def test_bad_flags_name_the_fix(args, message):
+    with pytest.raises(FlagError, match=message):
+        main(["--vocab_size=1000", *args])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_check_free_vram_without_gpu_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "scripts.model_info", "--depth=2", "--vocab_size=1000",
+                             "--check_free_vram"], capture_output=True, text=True, env=subprocess_env(tmp_path),
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: --check_free_vram needs a CUDA GPU; use --vram_gb to size for one\n"
