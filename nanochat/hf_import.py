@@ -114,7 +114,7 @@ class HFTokenizer(Tokenizer):
         try:
             core = HFTokenizerCore.from_file(str(directory / HF_TOKENIZER_FILE))
             specials = json.loads((directory / HF_SPECIALS_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
+        except Exception as exc:  # tokenizers raises a bare Exception for a bad file, json a ValueError
             raise UserError(f"the imported tokenizer in {directory} is damaged ({exc}); import the model again "
                             "(python -m scripts.import_hf)") from exc
         missing = [name for name in SPECIAL_TOKENS if name not in specials]
