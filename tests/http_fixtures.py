@@ -6,17 +6,21 @@
 
 Faults: "503" (status 503, empty body), "404", "cut" (full Content-Length, half the body, then the connection
 closes), "truncate" (first half of the file served as a complete 200 with a matching Content-Length),
-"bad_length" (Content-Length one byte larger than the body, then close). Every request's path and headers
-are recorded in `server.requests`.
+"bad_length" (Content-Length one byte larger than the body, then close), "slow" (the whole file in 64 KiB
+pieces 50 ms apart, for interrupting a download midway). Every request's path and headers are recorded in
+`server.requests`.
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-FAULTS = ("503", "404", "cut", "truncate", "bad_length")
+FAULTS = ("503", "404", "cut", "truncate", "bad_length", "slow")
+SLOW_PIECE_BYTES = 64 * 1024
+SLOW_PIECE_DELAY_S = 0.05
 
 
 class FileServer:
@@ -96,7 +100,15 @@ class FileServer:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
+                pieces = range(0, len(body), SLOW_PIECE_BYTES) if fault == "slow" else [0]
+                step = SLOW_PIECE_BYTES if fault == "slow" else len(body)
+                for start in pieces:
+                    try:
+                        self.wfile.write(body[start:start + step])
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client went away mid-body
+                    if fault == "slow":
+                        time.sleep(SLOW_PIECE_DELAY_S)
 
         return Handler

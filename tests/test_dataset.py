@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,3 +149,23 @@ def test_no_or_empty_shards_name_the_command(base_dir):
     pq.write_table(pa.table({"text": ["v"]}), directory / "shard_00001.parquet")
     with pytest.raises(UserError, match="shard_00000.parquet is empty .*python -m nanochat.dataset"):
         next(dataset.iter_text_batches("train"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_download_leaves_no_partial_shard(base_dir, shared_data, file_server):
+    server = file_server(shared_data / "pretrain")
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_00012.parquet"):
+        server.add_faults(name, "slow")
+    process = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "2", "-w", "3", "--val_index", "12",
+                                "--url_template", server.url("shard_{index:05d}.parquet")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    data = base_dir / "base_data"
+    deadline = time.monotonic() + 60
+    while not (data.is_dir() and any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in data.iterdir())):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert list(data.iterdir()) == []
