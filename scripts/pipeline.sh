@@ -16,6 +16,7 @@
 : "${TOTAL_BATCH_SIZE:=524288}"
 : "${BASE_ITERS:=-1}"               # -1 = from the param:data ratio
 : "${BASE_EVAL_EVERY:=250}"
+: "${BASE_EVAL_TOKENS:=10485760}"   # val tokens per bits-per-byte evaluation during base_train
 : "${BASE_SAVE_EVERY:=1000}"
 : "${MID_ITERS:=-1}"                # -1 = one epoch of the mixture
 : "${MID_DEVICE_BATCH_SIZE:=$DEVICE_BATCH_SIZE}"
@@ -87,7 +88,8 @@ run_pipeline() {
     # shellcheck disable=SC2046  # resume_flag prints nothing or one word
     stage base_train launch scripts.base_train "${MODEL_FLAGS[@]}" "${train[@]}" \
         --device_batch_size="$DEVICE_BATCH_SIZE" --total_batch_size="$TOTAL_BATCH_SIZE" \
-        --num_iterations="$BASE_ITERS" --eval_every="$BASE_EVAL_EVERY" --save_every="$BASE_SAVE_EVERY" \
+        --num_iterations="$BASE_ITERS" --eval_every="$BASE_EVAL_EVERY" --eval_tokens="$BASE_EVAL_TOKENS" \
+        --save_every="$BASE_SAVE_EVERY" \
         $(resume_flag "$MODEL_TAG" base_checkpoints)
     stage base_loss launch scripts.base_loss --model_tag="$MODEL_TAG" --device_batch_size="$DEVICE_BATCH_SIZE" \
         --split_tokens="$LOSS_SPLIT_TOKENS"

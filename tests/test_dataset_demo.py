@@ -125,7 +125,7 @@ def test_demo_pretrain_and_chat(packages, base_dir, monkeypatch):
 
     dataset_main(["--source", "demo", "--what", "chat"])
     rows = [json.loads(line) for name in ("train", "val")
-            for line in gzip.open(base_dir / "chat_data" / f"{name}.jsonl.gz", "rt", encoding="utf-8")]
+            for line in gzip.open(base_dir / "chat_data" / "demo" / f"{name}.jsonl.gz", "rt", encoding="utf-8")]
     assert {r["source"] for r in rows} == {"sharegpt", "chitchat", "chatterbot"}
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
