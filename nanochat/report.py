@@ -204,8 +204,21 @@ def read_train_log(source: str) -> list[dict]:
     return records
 
 
+def is_training_loss(name: str) -> bool:
+    return name == "loss"
+
+
+def is_validation_metric(name: str) -> bool:
+    # base_train logs val_bpb; the chat stages log val_loss (nats per token)
+    return name.endswith("bpb") or name == "val_loss"
+
+
+PLOTS = ((is_training_loss, "Training loss", "train_loss.png"),
+         (is_validation_metric, "Validation bpb (base) and loss (mid, sft)", "val_bpb.png"))
+
+
 def plot_curves(directory: Path) -> list[tuple[str, str]]:
-    """Training loss and val bpb per stage as PNGs; returns (caption, file name) for the plots drawn."""
+    """Training loss and validation metrics per stage as PNGs; returns (caption, file name) per plot drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,21 +226,22 @@ def plot_curves(directory: Path) -> list[tuple[str, str]]:
 
     logs = {source: read_train_log(source) for source in SOURCES}
     drawn = []
-    for key, caption, file_name in (("loss", "Training loss", "train_loss.png"),
-                                    ("bpb", "Validation bits per byte", "val_bpb.png")):
+    for wanted, caption, file_name in PLOTS:
         fig, ax = plt.subplots(figsize=(7, 4))
-        plotted = False
+        lines = 0
         for source, records in logs.items():
-            points = [(r["step"], value) for r in records for name, value in r.items()
-                      if "step" in r and isinstance(value, (int, float))
-                      and (name == "loss" if key == "loss" else name.endswith("bpb"))]
-            if points:
+            series: dict[str, list[tuple[int, float]]] = {}
+            for record in records:
+                for name, value in record.items():
+                    if "step" in record and wanted(name) and isinstance(value, (int, float)):
+                        series.setdefault(name, []).append((record["step"], value))
+            for name, points in series.items():
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if key == "bpb" else None, label=source)
-                plotted = True
-        if plotted:
+                label = source if name == "loss" else f"{source} {name}"
+                ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
+                lines += 1
+        if lines:
             ax.set_xlabel("step")
-            ax.set_ylabel(caption)
             ax.set_title(caption)
             ax.legend()
             ax.grid(alpha=0.3)
