@@ -6,7 +6,8 @@
     state = loader.state_dict()               # JSON-able; PretrainLoader(...).load_state_dict(state) resumes
 
 Reading: rank r of w takes the split's row groups r, r+w, r+2w, ... (all shards but the last for train, the
-last for val) and cycles through them forever, counting epochs. A background thread reads and tokenizes row
+last for val) and cycles through them forever, counting epochs. A split with fewer row groups than ranks (a
+small val shard) is shared by documents instead: rank r keeps documents r, r+w, ... of every row group. A background thread reads and tokenizes row
 groups ahead of the trainer (batch encode, BOS prepended to every document).
 
 Packing is BOS-aligned best fit: each row of T+1 tokens is filled from a buffer of tokenized documents by
@@ -37,12 +38,12 @@ PREFETCH_GROUPS = 4
 class GroupTokenizer:
     """Reads one of this rank's row groups and returns its documents as int32 token arrays starting with BOS."""
 
-    def __init__(self, tokenizer, groups: list[tuple[Path, int]], num_threads: int):
-        self.tokenizer, self.groups, self.num_threads = tokenizer, groups, num_threads
+    def __init__(self, tokenizer, groups: list[tuple[Path, int]], num_threads: int, docs: slice = slice(None)):
+        self.tokenizer, self.groups, self.num_threads, self.docs = tokenizer, groups, num_threads, docs
 
     def __call__(self, position: int) -> list[np.ndarray]:
         path, group = self.groups[position]
-        texts = read_row_group(path, group)
+        texts = read_row_group(path, group)[self.docs]
         if not texts:
             raise UserError(f"{path} row group {group} is empty; {MAKE_SHARDS_HINT}")
         token_lists = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id, num_threads=self.num_threads)
@@ -97,12 +98,12 @@ class PretrainLoader:
         self.rank, self.world_size = rank, world_size
         self.buffer_docs = max(1, buffer_docs)
         all_groups = row_groups(split, directory)
-        self.groups: list[tuple[Path, int]] = all_groups[rank::world_size]
-        if len(all_groups) < world_size:  # checked on every rank, so none is left waiting for the others
-            raise UserError(f"the {split} split has {len(all_groups)} row groups, fewer than {world_size} ranks; "
-                            f"use fewer ranks or more shards ({MAKE_SHARDS_HINT})")
+        if len(all_groups) >= world_size:
+            self.groups, docs = all_groups[rank::world_size], slice(None)
+        else:  # too few row groups (a small val shard): every rank reads them all, keeping every w-th document
+            self.groups, docs = all_groups, slice(rank, None, world_size)
         self.shard_names = sorted({path.name for path, _ in self.groups})
-        self.tokenize_group = GroupTokenizer(tokenizer, self.groups, tokenizer_threads)
+        self.tokenize_group = GroupTokenizer(tokenizer, self.groups, tokenizer_threads, docs)
         # Buffer of tokenized documents, sorted by length, with a (position, doc) reference for each.
         self.lengths: list[int] = []
         self.docs: list[np.ndarray] = []

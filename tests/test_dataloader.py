@@ -116,9 +116,18 @@ def test_val_split_reads_last_shard(corpus):
     next(loader)
 
 
+def test_more_ranks_than_row_groups_share_by_document(corpus):
+    whole = make(corpus, split="val")
+    loaders = [make(corpus, split="val", rank=r, world_size=4) for r in range(4)]
+    assert all(loader.groups == whole.groups for loader in loaders)  # the val shard has only 3 row groups
+    for position in range(len(whole.groups)):
+        everything = [doc.tolist() for doc in whole.tokenize_group(position)]
+        per_rank = [[doc.tolist() for doc in loader.tokenize_group(position)] for loader in loaders]
+        assert [per_rank[i % 4][i // 4] for i in range(len(everything))] == everything
+    assert all(next(loader)[0].shape == (3, 64) for loader in loaders)
+
+
 def test_clear_errors(corpus, base_dir):
-    with pytest.raises(UserError, match="fewer than 4 ranks"):
-        make(corpus, split="val", rank=0, world_size=4)
     state = make(corpus, rank=0, world_size=2).state_dict()
     with pytest.raises(UserError, match="saved by rank 0 of 2 .*same number of ranks"):
         make(corpus).load_state_dict(state)
