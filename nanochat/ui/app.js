@@ -133,7 +133,7 @@ function renderHistory() {
 function openConversation(conversation) {
   if (active) stopGeneration();
   current = conversation;
-  ui.mode.value = conversation.mode;
+  showMode();
   store.saveCurrentId(conversation.id);
   closeSidebar();
   hideError();
@@ -450,10 +450,16 @@ function toggleSidebar() {
   ui.scrim.hidden = !open;
 }
 
+function showMode() {
+  ui.mode.value = current.mode;
+  ui.input.placeholder = current.mode === "raw" ? "Text for the model to continue" : "Message nanochat";
+}
+
 function onModeChange() {
+  // a conversation keeps its mode: switching with messages on screen starts a new one
   if (current.messages.length) openConversation(store.newConversation(ui.mode.value));
   else current.mode = ui.mode.value;
-  ui.input.placeholder = ui.mode.value === "raw" ? "Text for the model to continue" : "Message nanochat";
+  showMode();
 }
 
 ui.composer.addEventListener("submit", (event) => {
@@ -487,8 +493,7 @@ ui.theme.addEventListener("click", () => {
 systemDark.addEventListener("change", applyTheme);
 
 applyTheme();
-ui.mode.value = current.mode;
-onModeChange();
+showMode();
 renderHistory();
 renderMessages();
 loadModelName();

@@ -17,11 +17,12 @@ function el(tag, className, text) {
   return node;
 }
 
-// Inline spans, earliest match first; the content of emphasis is rendered recursively.
+// Inline spans, earliest match first; the content of emphasis is rendered recursively. Underscore emphasis
+// never opens or closes inside a word, so snake_case and window.__name stay as typed.
 const INLINE = [
   { re: /`([^`\n]+)`/, make: (m) => el("code", null, m[1]) },
   { re: /\*\*(?=\S)([\s\S]*?\S)\*\*/, make: (m) => wrap("strong", m[1]) },
-  { re: /__(?=\S)([\s\S]*?\S)__/, make: (m) => wrap("strong", m[1]) },
+  { re: /(^|[^\w])__(?=\S)([\s\S]*?\S)__(?!\w)/, make: (m) => wrap("strong", m[2]), lead: 1 },
   { re: /~~(?=\S)([\s\S]*?\S)~~/, make: (m) => wrap("del", m[1]) },
   { re: /\*(?=[^\s*])([^*]*?[^\s*])\*/, make: (m) => wrap("em", m[1]) },
   { re: /(^|[^\w])_(?=[^\s_])([^_]*?[^\s_])_(?!\w)/, make: (m) => wrap("em", m[2]), lead: 1 },

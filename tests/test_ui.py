@@ -1,0 +1,303 @@
+"""The browser UI in real headless Chromium (Debian's chromium + chromedriver, driven by selenium) against a
+real server: streaming, stop, regenerate, edit, copy, history across reloads, raw mode, readable errors, safe
+markdown (an XSS payload stays text), the SSE parser on split UTF-8, phone width and dark theme.
+
+The served model is the "base" test checkpoint: greedy decoding writes "hello" until max_tokens, so every
+expected reply is known exactly. Screenshots go to artifacts/ (gitignored)."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_fixtures import LONG_WORD, REPO, serve_checkpoint, shared_server_base_dir
+
+selenium = pytest.importorskip("selenium", reason="selenium is in the test extra: pip install -e '.[test]'")
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = REPO / "artifacts"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="no chromium + chromedriver on PATH; install them with "
+                              "`apt-get install -y chromium chromium-driver` (tests/run.sh does this as root)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = shared_server_base_dir(tmp_path_factory)
+    with serve_checkpoint(root, "base", max_queue=4) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,860", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The page with fresh storage and deterministic settings (greedy, 12 tokens)."""
+    browser.set_window_size(1280, 860)
+    browser.get(f"{server.url}/")
+    browser.execute_script("localStorage.clear();")
+    set_settings(browser, max_tokens=12)
+    browser.refresh()
+    wait(browser, lambda d: d.find_element(By.ID, "model-name").text.startswith("nanochat-"))
+    browser.get_log("browser")  # drop messages from earlier pages
+    yield browser
+    # HTTP error statuses are logged by Chromium as "network" entries; the error test provokes one on purpose
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e.get("source") != "network"]
+    assert not errors, f"browser console errors: {errors}"
+
+
+def set_settings(driver, **overrides) -> None:
+    settings = {"temperature": 0, "top_k": 0, "max_tokens": 12, "system_prompt": "", "api_key": "", **overrides}
+    driver.execute_script("localStorage.setItem('nanochat.settings', arguments[0]);", json.dumps(settings))
+
+
+def wait(driver, condition, timeout: float = 20):
+    return WebDriverWait(driver, timeout, poll_frequency=0.02,
+                         ignored_exceptions=[StaleElementReferenceException]).until(condition)
+
+
+def messages(driver) -> list[tuple[str, str]]:
+    """(role, shown text) per message, read in one script call: the list re-renders while a reply streams."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#messages .message')].map(n => "
+        "[n.classList.contains('user') ? 'user' : 'assistant', n.querySelector('.content').innerText.trim()]);")
+    return [tuple(row) for row in rows]
+
+
+def last_meta(driver) -> str:
+    return driver.execute_script("const m = document.querySelectorAll('#messages .message .meta');"
+                                 "return m.length ? m[m.length - 1].innerText : '';")
+
+
+def idle(driver) -> bool:
+    return driver.find_element(By.ID, "send").is_displayed()
+
+
+def send(driver, text: str) -> None:
+    box = driver.find_element(By.ID, "input")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def send_and_wait(driver, text: str) -> None:
+    """Send, then wait for the reply to finish (its stats line appears when the stream has ended)."""
+    count = len(messages(driver))
+    send(driver, text)
+    wait(driver, lambda d: len(messages(d)) == count + 2 and idle(d) and last_meta(d) != "")
+
+
+def stats(server) -> dict:
+    return httpx.get(f"{server.url}/stats").json()
+
+
+def screenshot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def test_send_streams_the_reply(page):
+    set_settings(page, max_tokens=1500)
+    page.refresh()
+    send(page, "hi there")
+    lengths = set()
+    wait(page, lambda d: not idle(d))
+    while not idle(page):
+        lengths.add(len(messages(page)[-1][1]))
+    final = messages(page)
+    assert final == [("user", "hi there"), ("assistant", LONG_WORD * 1500)]
+    partial = {n for n in lengths if 0 < n < len(LONG_WORD) * 1500}
+    assert len(partial) >= 3, f"the reply should appear piece by piece, saw lengths {sorted(lengths)}"
+    assert "1500 tokens" in last_meta(page)
+
+
+def test_stop_aborts_and_frees_the_worker(page, server):
+    set_settings(page, max_tokens=7000)
+    page.refresh()
+    before = stats(server)["requests_cancelled"]
+    send(page, "go on forever")
+    wait(page, lambda d: len(messages(d)[-1][1]) > 20)
+    page.find_element(By.ID, "stop").click()
+    wait(page, idle)
+    stopped_at = messages(page)[-1][1]
+    time.sleep(0.3)
+    assert messages(page)[-1][1] == stopped_at and 0 < len(stopped_at) < len(LONG_WORD) * 7000
+    assert "stopped" in last_meta(page)
+    deadline = time.monotonic() + 5
+    while stats(server)["workers_busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    current = stats(server)
+    assert current["workers_busy"] == 0 and current["requests_cancelled"] == before + 1
+
+
+def test_regenerate_and_edit(page, server):
+    send_and_wait(page, "first question")
+    send_and_wait(page, "second question")
+    assert [role for role, _ in messages(page)] == ["user", "assistant"] * 2
+    served = stats(server)["requests_served"]
+    page.find_element(By.CSS_SELECTOR, ".message.assistant:last-child .regenerate").click()
+    wait(page, lambda d: stats(server)["requests_served"] == served + 1)
+    wait(page, idle)
+    assert len(messages(page)) == 4 and messages(page)[-1] == ("assistant", LONG_WORD * 12)
+
+    page.find_elements(By.CSS_SELECTOR, ".message.user .edit")[0].click()
+    editor = page.find_element(By.CSS_SELECTOR, ".message.user .editor")
+    editor.clear()
+    editor.send_keys("edited question")
+    page.find_element(By.CSS_SELECTOR, ".save-edit").click()
+    wait(page, lambda d: len(messages(d)) == 2 and idle(d))
+    assert messages(page) == [("user", "edited question"), ("assistant", LONG_WORD * 12)]
+
+
+def test_copy_puts_the_message_on_the_clipboard(page, server):
+    page.execute_cdp_cmd("Browser.grantPermissions", {"origin": server.url,
+                                                     "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    send_and_wait(page, "copy me")
+    button = page.find_element(By.CSS_SELECTOR, ".message.assistant .copy")
+    button.click()
+    wait(page, lambda d: button.text == "Copied")
+    clipboard = page.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e));")
+    assert clipboard == LONG_WORD * 12
+
+
+def test_history_survives_reload(page):
+    send_and_wait(page, "remember this chat")
+    page.find_element(By.ID, "new-chat").click()
+    send_and_wait(page, "and this one")
+    page.refresh()
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
+    titles = [li.text for li in page.find_elements(By.CSS_SELECTOR, "#history li .open")]
+    assert titles == ["and this one", "remember this chat"]
+    assert messages(page)[0] == ("user", "and this one")
+    page.find_elements(By.CSS_SELECTOR, "#history li .open")[1].click()
+    assert messages(page) == [("user", "remember this chat"), ("assistant", LONG_WORD * 12)]
+    page.find_element(By.CSS_SELECTOR, "#history li.current .delete").click()
+    assert len(page.find_elements(By.CSS_SELECTOR, "#history li")) == 1 and messages(page) == []
+
+
+XSS_REPLY = """Here is **bold**, *italic* and `code`.
+
+<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>
+
+- first <b>item</b>
+- second [link](https://example.com) and [bad](javascript:window.__xss=3)
+
+```html
+<script>window.__xss = 4</script>
+```"""
+
+
+def test_model_output_renders_as_text_never_html(page):
+    conversation = {"id": "cxss", "title": "xss", "mode": "chat", "updated": 1,
+                    "messages": [{"role": "user", "content": "<i>not italic</i>"},
+                                 {"role": "assistant", "content": XSS_REPLY}]}
+    page.execute_script("localStorage.setItem('nanochat.conversations', arguments[0]);"
+                        "localStorage.setItem('nanochat.current', '\"cxss\"');", json.dumps([conversation]))
+    page.refresh()
+    wait(page, lambda d: len(messages(d)) == 2)
+    reply = page.find_element(By.CSS_SELECTOR, ".message.assistant .content")
+    assert page.execute_script("return window.__xss") is None
+    assert not reply.find_elements(By.CSS_SELECTOR, "img, script, b, i")
+    assert '<img src=x onerror="window.__xss = 1">' in reply.text
+    assert reply.find_element(By.TAG_NAME, "strong").text == "bold"
+    assert reply.find_element(By.TAG_NAME, "em").text == "italic"
+    assert [li.text for li in reply.find_elements(By.TAG_NAME, "li")][0] == "first <b>item</b>"
+    links = reply.find_elements(By.TAG_NAME, "a")
+    assert [a.get_attribute("href") for a in links] == ["https://example.com/"]
+    assert reply.find_element(By.CSS_SELECTOR, "pre.code-block code").text == "<script>window.__xss = 4</script>"
+    assert page.find_element(By.CSS_SELECTOR, ".message.user .content").text == "<i>not italic</i>"
+    screenshot(page, "ui-markdown-light.png")
+
+
+def test_sse_parser_handles_split_lines_and_utf8(page):
+    result = page.execute_async_script("""
+        const done = arguments[0];
+        import('/ui/sse.js').then(({ createSSEParser }) => {
+          const text = 'data: {"t": "é€😀"}\\r\\n\\r\\n: keep-alive\\n\\ndata: line1\\ndata: line2\\n\\ndata: [DONE]\\n\\n';
+          const bytes = new TextEncoder().encode(text);
+          const outcomes = new Set();
+          for (let cut = 0; cut <= bytes.length; cut++) {
+            for (const step of [1, 3]) {
+              const events = [];
+              const parser = createSSEParser((data) => events.push(data));
+              parser.push(bytes.slice(0, cut));
+              for (let i = cut; i < bytes.length; i += step) parser.push(bytes.slice(i, i + step));
+              parser.end();
+              outcomes.add(JSON.stringify(events));
+            }
+          }
+          done([...outcomes]);
+        }).catch((e) => done(['ERROR ' + e]));
+    """)
+    assert result == [json.dumps(['{"t": "é€😀"}', "line1\nline2", "[DONE]"], ensure_ascii=False,
+                                 separators=(",", ":"))]
+
+
+def test_server_errors_are_shown_readably(page):
+    set_settings(page, max_tokens=100000)
+    page.refresh()
+    send(page, "too long")
+    banner = wait(page, lambda d: d.find_element(By.ID, "error-banner") if d.find_element(
+        By.ID, "error-banner").is_displayed() else False)
+    assert banner.text.startswith("Error 400: this model's context is 8192 tokens")
+    assert "lower max_tokens" in page.find_element(By.CSS_SELECTOR, ".message.assistant .error-text").text
+
+
+def test_raw_completion_mode(page, server):
+    served = stats(server)["requests_served"]
+    page.find_element(By.CSS_SELECTOR, "#mode option[value='raw']").click()
+    send_and_wait(page, "Once upon a time")
+    assert messages(page) == [("user", "Once upon a time"), ("assistant", LONG_WORD * 12)]
+    assert page.find_element(By.CSS_SELECTOR, ".message.user .role").text == "Prompt"
+    assert stats(server)["requests_served"] == served + 1
+    assert page.find_element(By.CSS_SELECTOR, "#history li .badge").text == "raw"
+
+
+def test_phone_width_and_dark_theme(page):
+    send_and_wait(page, "Tell me about **markdown** on a phone")
+    page.execute_script("localStorage.setItem('nanochat.theme', '\"dark\"');")
+    page.set_window_size(390, 844)
+    page.refresh()
+    wait(page, lambda d: len(messages(d)) == 2)
+    assert page.execute_script("return document.documentElement.dataset.theme") == "dark"
+    background = page.execute_script("return getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(23, 24, 28)"
+    sidebar = page.find_element(By.ID, "sidebar")
+    assert sidebar.rect["x"] + sidebar.rect["width"] <= 1, "the side list is a closed drawer on a phone"
+    width = page.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 390, "nothing may overflow the phone's width"
+    screenshot(page, "ui-phone-dark.png")
+    page.find_element(By.ID, "toggle-sidebar").click()
+    wait(page, lambda d: d.find_element(By.ID, "sidebar").rect["x"] >= 0)
+    screenshot(page, "ui-phone-dark-drawer.png")
+    page.set_window_size(1280, 860)
+    page.execute_script("localStorage.setItem('nanochat.theme', '\"light\"');")
+    page.refresh()
+    wait(page, lambda d: len(messages(d)) == 2)
+    screenshot(page, "ui-desktop-light.png")
