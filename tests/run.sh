@@ -15,5 +15,12 @@ echo "== rustbpe: cargo fmt / clippy / test"
     cargo test --quiet
 )
 
+# The UI tests drive Debian's chromium; as root with apt, install it once (they skip, saying why, without it).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium + chromium-driver for the UI tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || echo "warning: installing chromium failed; the UI tests will be skipped"
+fi
+
 echo "== pytest"
 python -m pytest "$@"
