@@ -114,7 +114,8 @@ def resume_step(flags: TrainFlags, checkpoint_dir: Path) -> int | None:
 
 
 def restore(model, optimizers, batches, checkpoint_dir: Path, step: int, dist: DistInfo) -> LoopState:
-    remove_partial(checkpoint_dir)
+    if dist.is_master:
+        remove_partial(checkpoint_dir)
     ckpt = load_checkpoint(checkpoint_dir, step, dist.device, rank=dist.rank)
     load_model_state(model, ckpt.model_state)
     if len(ckpt.optimizer_states) != len(optimizers):
@@ -154,6 +155,25 @@ def format_rate(flops_per_token, tok_per_s: float, peak: float | None, world: in
     if peak:
         return f" | mfu {100 * achieved / (peak * world):.2f}%"
     return f" | {achieved / 1e9:.2f} GFLOP/s"
+
+
+def accumulate_gradients(train_model, batches: Iterator, grad_accum_steps: int, autocast, loss_fn,
+                         device) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches; returns this rank's mean loss and its token count."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    tokens = 0
+    for _ in range(grad_accum_steps):
+        batch = next(batches)
+        inputs, targets, *rest = batch
+        with autocast():
+            if loss_fn is None:
+                loss = train_model(inputs, targets, doc_ids=rest[0] if rest else None)
+            else:
+                loss = loss_fn(train_model, batch)
+        (loss / grad_accum_steps).backward()
+        loss_sum += loss.detach().float()
+        tokens += inputs.numel()
+    return loss_sum / grad_accum_steps, tokens
 
 
 def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[int], float], flags: TrainFlags,
@@ -208,20 +228,14 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
         lr_mult = lr_schedule(state.step)
         set_lr(optimizers, lr_mult)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-        step_tokens = 0
-        for _ in range(grad_accum_steps):
-            batch = next(batches)
-            inputs, targets, *rest = batch
-            with autocast():
-                if loss_fn is None:
-                    loss = train_model(inputs, targets, doc_ids=rest[0] if rest else None)
-                else:
-                    loss = loss_fn(train_model, batch)
-            (loss / grad_accum_steps).backward()
-            loss_sum += loss.detach().float()
-            step_tokens += inputs.numel()
-        loss_avg = loss_sum / grad_accum_steps
+        try:
+            loss_avg, step_tokens = accumulate_gradients(train_model, batches, grad_accum_steps, autocast, loss_fn,
+                                                         device)
+        except torch.OutOfMemoryError:
+            smaller = max(1, flags.device_batch_size // 2)
+            raise UserError(f"out of memory at step {state.step + 1} with --device_batch_size "
+                            f"{flags.device_batch_size}; try --device_batch_size {smaller} (grad accumulation keeps "
+                            "--total_batch_size) or --activation_checkpointing") from None
         if dist.world_size > 1:
             torch_dist.all_reduce(loss_avg)
             loss_avg /= dist.world_size

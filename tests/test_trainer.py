@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import complete_steps, create_model
-from nanochat.common import DistInfo, init_distributed
+from nanochat.common import DistInfo, UserError, init_distributed
 from nanochat.flags import FlagError, TrainFlags, flag, parse_flags
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import warmup_warmdown
@@ -55,7 +55,7 @@ class WorkerFlags(TrainFlags):
     out: str = flag("", "checkpoint directory")
 
 
-def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=()):
+def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=(), loss_fn=None):
     torch.manual_seed(flags.seed)
     model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), dist.device)
     optimizers = setup_optimizers(model)
@@ -63,7 +63,7 @@ def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CP
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, SEQ_LEN, dist.world_size)
     result = train(model, optimizers, batches, lr_schedule=warmup_warmdown(flags.num_iterations), flags=flags,
                    checkpoint_dir=out, dist=dist, num_iterations=flags.num_iterations, grad_accum_steps=accum,
-                   evals=evals, flops_per_token=model.estimate_flops(SEQ_LEN))
+                   evals=evals, flops_per_token=model.estimate_flops(SEQ_LEN), loss_fn=loss_fn)
     return model, result
 
 
@@ -138,6 +138,26 @@ def test_evals_run_on_cadence_and_reach_checkpoint_meta(rows, tmp_path):
     assert seen == [0, 3, 6, 7]
     meta = json.loads((tmp_path / "ckpt" / "step_000007" / "meta.json").read_text())
     assert meta["val_metric"] == 7.0 and meta["step"] == 7
+
+
+def test_out_of_memory_names_a_smaller_batch(rows, tmp_path):
+    def exhausted(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(UserError, match=r"out of memory at step 1 with --device_batch_size 2; try "
+                                        r"--device_batch_size 1 .* or --activation_checkpointing"):
+        run_training(flags_for(), rows, tmp_path / "ckpt", loss_fn=exhausted)
+
+
+def test_custom_loss_fn_drives_training(rows, tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch[0].shape)
+        return model(batch[0], batch[1])
+
+    _, result = run_training(flags_for(num_iterations=2, save_every=-1), rows, tmp_path / "ckpt", loss_fn=loss_fn)
+    assert seen == [(2, SEQ_LEN)] * 4 and sorted(result.losses) == [1, 2]
 
 
 @pytest.mark.parametrize("total, device_batch, world, message", [
