@@ -93,9 +93,9 @@ class TokenPrinter:
         self.tokenizer = engine.tokenizer
         self.decoder = StreamDecoder(self.tokenizer)
         dim = DIM if use_color(out) else ""
-        reset = RESET if use_color(out) else ""
+        self.reset = RESET if use_color(out) else ""
         self.markers = {engine.python_start: f"{dim}[calculator: ", engine.python_end: "",
-                        engine.output_start: " → ", engine.output_end: f"]{reset}"}
+                        engine.output_start: " → ", engine.output_end: f"]{self.reset}"}
 
     def write(self, token: int) -> None:
         if token in self.markers:
@@ -106,7 +106,8 @@ class TokenPrinter:
         self.out.flush()
 
     def finish(self) -> None:
-        self.out.write(self.decoder.flush())
+        # reset: a completion cut inside a tool call must not leave the terminal dim
+        self.out.write(self.decoder.flush() + self.reset)
         self.out.flush()
 
 
