@@ -104,6 +104,12 @@ def wrong_sequences(tokenizer, task):
             for i, row in enumerate(task.rows)]
 
 
+def half_known_oracle(tokenizer, task):
+    """Knows the answers to items 0 and 2 only; elsewhere every option ties and the first one wins."""
+    golds = gold_sequences(tokenizer, task)
+    return NGramOracle.from_sequences(tokenizer.vocab_size, [golds[0], golds[2]])
+
+
 def test_mean_continuation_loss_by_hand():
     # p = (1/2, 1/4, 1/8, 1/8): the continuation [0, 1] costs (ln 2 + ln 4) / 2 = 1.5 ln 2 nats per token
     model = FixedLogProbs([0.5, 0.25, 0.125, 0.125])
@@ -139,6 +145,12 @@ def test_language_modeling_needs_every_token(tokenizer):
     last = tuple(two_word.ids[max(0, two_word.end - 2 - model.k + 1):two_word.end - 1])
     del model.table[last]
     assert evaluate_task(model, tokenizer, task, "cpu", max_seq_len=512) == pytest.approx(2 / 3)
+
+
+def test_ties_go_to_the_first_option(tokenizer):
+    # items 1 (gold 0) and 3 (gold 1) are unknown to the oracle: only item 1 counts as right
+    task = mc_task()
+    assert evaluate_task(half_known_oracle(tokenizer, task), tokenizer, task, "cpu", max_seq_len=512) == 0.75
 
 
 def test_batched_equals_one_by_one(tokenizer):

@@ -2,7 +2,6 @@
 summed over two torchrun ranks."""
 import math
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.core_eval import evaluate_task
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer
@@ -73,7 +73,10 @@ WORKER = textwrap.dedent("""
     import sys
     import torch
     from nanochat.common import cleanup_distributed, init_distributed
+    from nanochat.core_eval import evaluate_task
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import Tokenizer
+    from tests.test_core_eval import half_known_oracle, mc_task
     from tests.test_loss_eval import FixedDistribution
 
     dist = init_distributed("cpu")
@@ -83,19 +86,34 @@ WORKER = textwrap.dedent("""
     target = 0 if dist.rank == 0 else 1
     batches = iter([(None, torch.full((1, 4), target))])
     bpb = evaluate_bpb(model, batches, 1, token_bytes)
-    if dist.rank == 0:
-        print(f"BPB {bpb:.6f}")
+    tokenizer = Tokenizer.load(sys.argv[1])
+    task = mc_task()
+    accuracy = evaluate_task(half_known_oracle(tokenizer, task), tokenizer, task, "cpu", 512,
+                             rank=dist.rank, world_size=dist.world_size)
+    print(f"rank {dist.rank} BPB {bpb:.6f} CORE-ACC {accuracy:.6f}")
     cleanup_distributed()
 """)
 
 
 @pytest.mark.slow
-def test_bpb_sums_over_ranks(tmp_path):
-    # rank 0: 4 tokens × 1 bit over 4 bytes; rank 1: 4 tokens × 2 bits over 16 bytes.
+def test_bpb_and_core_sum_over_ranks(tmp_path):
+    # bpb, rank 0: 4 tokens × 1 bit over 4 bytes; rank 1: 4 tokens × 2 bits over 16 bytes.
     # Summed: 12 bits / 20 bytes = 0.6 (a mean of the per-rank values would give (1 + 0.5) / 2 = 0.75).
-    script = tmp_path / "bpb_worker.py"
+    # CORE: every rank must report the accuracy over all items, as one process computes it.
+    from tests.test_core_eval import WORDS, half_known_oracle, mc_task
+
+    tokenizer = Tokenizer.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3,
+                                              vocab_size=400)
+    tokenizer.save(tmp_path / "tokenizer")
+    task = mc_task()
+    expected = evaluate_task(half_known_oracle(tokenizer, task), tokenizer, task, "cpu", 512)
+    per_rank = [evaluate_task(half_known_oracle(tokenizer, task), tokenizer, task, "cpu", 512, rank=r, world_size=2)
+                for r in range(2)]
+    assert per_rank[0] != expected or per_rank[1] != expected  # without the all-reduce the ranks would disagree
+    script = tmp_path / "eval_worker.py"
     script.write_text(WORKER)
-    result = subprocess.run(torchrun_cmd(2, str(script)), cwd=REPO, env=subprocess_env(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(torchrun_cmd(2, str(script), str(tmp_path / "tokenizer")), cwd=REPO,
+                            env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "BPB 0.600000" in result.stdout
+    for rank in range(2):
+        assert f"rank {rank} BPB 0.600000 CORE-ACC {expected:.6f}" in result.stdout

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nanochat import report
 
 
@@ -63,6 +65,7 @@ def test_relogging_a_title_replaces_it_and_reset_clears(base_dir, tmp_path):
     assert "## Base loss" not in report.generate(copy_to=tmp_path).read_text()
 
 
+@pytest.mark.slow
 def test_cli_reset_generate_and_bad_command(base_dir, tmp_path):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat.report", *args], cwd=tmp_path, env=env,
