@@ -26,13 +26,14 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from nanochat.common import UserError
 from nanochat.dataset import MAKE_SHARDS_HINT, read_row_group, row_groups
 
 STATE_VERSION = 1
-PREFETCH_GROUPS = 4
+PREFETCH_GROUPS = 2
 
 
 class GroupTokenizer:
@@ -43,7 +44,10 @@ class GroupTokenizer:
 
     def __call__(self, position: int) -> list[np.ndarray]:
         path, group = self.groups[position]
-        texts = read_row_group(path, group)[self.docs]
+        try:
+            texts = read_row_group(path, group)[self.docs]
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"cannot read {path} row group {group} ({exc}); {MAKE_SHARDS_HINT}") from exc
         if not texts:
             raise UserError(f"{path} row group {group} is empty; {MAKE_SHARDS_HINT}")
         token_lists = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id, num_threads=self.num_threads)
@@ -51,34 +55,37 @@ class GroupTokenizer:
 
 
 class TokenizingReader(threading.Thread):
-    """Tokenizes row groups from a cursor onwards and puts (position, epoch, first_doc, docs) on a bounded queue.
-    It holds no reference to the loader, so a dropped loader is collected and its reader stopped."""
+    """Tokenizes row groups from a cursor onwards and queues (position, epoch, first_doc, docs), at most
+    PREFETCH_GROUPS groups ahead of the consumer (tokenized or in progress), so a short-lived loader (a val
+    evaluation) wastes little work. It holds no reference to the loader, so a dropped loader is collected."""
 
     def __init__(self, tokenize: GroupTokenizer, position: int, epoch: int, first_doc: int):
         super().__init__(daemon=True, name="nanochat-tokenizer")
         self.tokenize, self.position, self.epoch, self.first_doc = tokenize, position, epoch, first_doc
-        self.out: queue.Queue = queue.Queue(maxsize=PREFETCH_GROUPS)
+        self.out: queue.Queue = queue.Queue()
+        self.slots = threading.Semaphore(PREFETCH_GROUPS)  # released by the consumer as it takes a group
         self.stopped = threading.Event()
 
     def run(self) -> None:
         try:
             position, epoch, first_doc = self.position, self.epoch, self.first_doc
-            while not self.stopped.is_set():
-                docs = self.tokenize(position)[first_doc:]
-                self.put((position, epoch, first_doc, docs))
+            while True:
+                while not self.slots.acquire(timeout=0.1):
+                    if self.stopped.is_set():
+                        return
+                if self.stopped.is_set():
+                    return
+                self.out.put((position, epoch, first_doc, self.tokenize(position)[first_doc:]))
                 position, first_doc = position + 1, 0
                 if position == len(self.tokenize.groups):
                     position, epoch = 0, epoch + 1
         except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
-            self.put(exc)
+            self.out.put(exc)
 
-    def put(self, item) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def get(self):
+        item = self.out.get()
+        self.slots.release()
+        return item
 
     def stop(self) -> None:
         self.stopped.set()
@@ -126,7 +133,7 @@ class PretrainLoader:
         if self.reader is None:
             self.start_reader()
         while self.pending_index == len(self.pending):
-            item = self.reader.out.get()
+            item = self.reader.get()
             if isinstance(item, BaseException):
                 self.close()
                 raise item

@@ -127,6 +127,18 @@ def test_more_ranks_than_row_groups_share_by_document(corpus):
     assert all(next(loader)[0].shape == (3, 64) for loader in loaders)
 
 
+def test_shard_vanishing_midway_is_a_clear_error_in_the_training_thread(corpus, tmp_path):
+    directory, tokenizer = corpus
+    for shard in directory.iterdir():
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    loader = PretrainLoader(tokenizer, batch_size=3, seq_len=64, buffer_docs=8, directory=tmp_path)
+    next(loader)
+    (tmp_path / "shard_00001.parquet").unlink()
+    with pytest.raises(UserError, match="cannot read .*shard_00001.parquet row group 0 .*python -m nanochat.dataset"):
+        for _ in range(100):
+            next(loader)
+
+
 def test_clear_errors(corpus, base_dir):
     state = make(corpus, rank=0, world_size=2).state_dict()
     with pytest.raises(UserError, match="saved by rank 0 of 2 .*same number of ranks"):
