@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.common import UserError
+from nanochat.common import UserError, print0
 from nanochat.core_eval import centered
 from tasks.common import Task
 
@@ -114,17 +114,20 @@ def run_categorical(model, tokenizer, task: Task, device, max_problems: int = -1
 def run_generative(engine, tokenizer, task: Task, settings: GenerationSettings, max_problems: int = -1,
                    rank: int = 0, world_size: int = 1, progress: bool = False) -> tuple[int, int]:
     """(solved, total) over all ranks, where solved = any of the `num_samples` completions passes."""
-    budget = engine.model.config.max_seq_len - settings.max_new_tokens
-    if budget < 1:
-        raise UserError(f"--max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
-                        f"{engine.model.config.max_seq_len}-token context; lower it")
+    context = engine.model.config.max_seq_len
+    # a small model's context cannot hold a long answer budget: keep at least half of it for the prompt
+    max_new_tokens = min(settings.max_new_tokens, context // 2)
+    if max_new_tokens < settings.max_new_tokens:
+        print0(f"note: --max_new_tokens {settings.max_new_tokens} capped at {max_new_tokens} "
+               f"(half of the model's {context}-token context)")
+    budget = context - max_new_tokens
     indices = problem_indices(task, max_problems, rank, world_size)
     solved = 0
     for i in tqdm(indices, desc=type(task).__name__, disable=not progress):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)[-budget:]
         results, _ = engine.generate_batch(prompt, num_samples=settings.num_samples,
-                                           max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                           max_tokens=max_new_tokens, temperature=settings.temperature,
                                            top_k=settings.top_k, seed=i)
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         solved += any(task.evaluate(conversation, completion) for completion in completions)
