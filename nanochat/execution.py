@@ -115,8 +115,15 @@ if enter_namespaces():
                 os._exit(1)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+def die_with_relay():
+    """PID 1 gets SIGKILL when the relay dies, even after a setsid() took it out of the killed group. Set again
+    after the uid drop, which clears it."""
+    if "pidns" in isolation:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+die_with_relay()
 
 # CPU: SIGXCPU at the soft limit, SIGKILL one second later if the code catches it.
 resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
@@ -155,6 +162,7 @@ if os.geteuid() == 0:
     os.setgid(uid)
     os.setuid(uid)
     isolation.append("uid")
+    die_with_relay()
 
 def landlock():
     """Writes only under workdir and /dev/null; no TCP; no signals or abstract sockets outside (by ABI)."""

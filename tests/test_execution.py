@@ -191,6 +191,13 @@ def test_grandchild_that_outlives_the_run_is_killed():
     assert_reaped(label)
 
 
+def test_code_that_leaves_the_process_group_is_killed():
+    label = f"setsid-{uuid.uuid4().hex}"
+    result = execute_code("import os, time\nos.setsid()\ntime.sleep(60)\n", SandboxLimits(timeout_s=1), label=label)
+    assert result.timed_out
+    assert_reaped(label)
+
+
 def test_grandchild_of_a_finished_run_is_killed():
     label = f"orphan-{uuid.uuid4().hex}"
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')\n"
