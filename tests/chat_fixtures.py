@@ -6,6 +6,8 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
+
 from nanochat.tokenizer import Tokenizer
 
 SHARED_CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat"
@@ -41,3 +43,14 @@ def make_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, tag: str = "d2", 
                        head_dim=16, max_seq_len=seq_len, vocab_size=tokenizer.vocab_size)
     model = create_model(config, "cpu")
     return save_checkpoint(checkpoint_dir("base", tag), 0, model, [], {}, {})
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a shared 2-core machine extra torch threads thrash (100x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
