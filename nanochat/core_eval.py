@@ -38,6 +38,8 @@ from nanochat.download import download_file, validate_zip
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DATA_ORDER_SEED = 1337  # the fixed shuffle that --max_per_task takes its first N items from
+# Padded tokens per forward pass: with a 65536 vocab the float32 logits of 8192 tokens take 2 GiB.
+MAX_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -184,30 +186,49 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], item: int, max_seq_l
 # ---------------------------------------------------------------------------------------------------------
 # Scoring
 
+def length_batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Split `order` (longest first) into batches of at most `batch_size` rows and, padded, `max_batch_tokens`
+    tokens (always at least one row), so the (rows, width, vocab) logits stay bounded on long prompts."""
+    batches, batch = [], []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * width > max_batch_tokens):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 @torch.no_grad()
-def score_sequences(model, sequences: list[Sequence], device, batch_size: int) -> list[tuple[float, bool]]:
+def score_sequences(model, sequences: list[Sequence], device, batch_size: int,
+                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[tuple[float, bool]]:
     """(mean continuation loss, greedy reproduces the continuation) per sequence, in input order.
 
-    Sequences are sorted by length and padded into batches of `batch_size` rows for the forward pass."""
+    Sequences are sorted by length and padded into batches for the forward pass (see `length_batches`)."""
     results: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids), reverse=True)
-    for b in range(0, len(order), batch_size):
-        chunk = [sequences[i] for i in order[b:b + batch_size]]
-        width = max(len(s.ids) for s in chunk)
-        inputs = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for row, seq in enumerate(chunk):
+    lengths = [len(s.ids) for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: lengths[i], reverse=True)
+    for batch in length_batches(order, lengths, batch_size, max_batch_tokens):
+        width = lengths[batch[0]]
+        inputs = torch.zeros((len(batch), width), dtype=torch.long)
+        targets = torch.full((len(batch), width), -1, dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = sequences[i]
             inputs[row, :len(seq.ids)] = torch.tensor(seq.ids)
             # position t predicts token t+1: the continuation tokens ids[start:end] are targets at start-1..end-2
             targets[row, seq.start - 1:seq.end - 1] = torch.tensor(seq.ids[seq.start:seq.end])
         inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs).float()
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
         scored = targets != -1
-        mean_loss = (losses * scored).sum(1) / scored.sum(1).clamp(min=1)
-        greedy_right = ((logits.argmax(-1) == targets) | ~scored).all(1)
-        for row, i in enumerate(order[b:b + batch_size]):
-            results[i] = (mean_loss[row].item(), bool(greedy_right[row]))
+        picked = model(inputs)[scored].float()  # (scored tokens, vocab): only continuation positions
+        wanted = targets[scored]
+        token_loss = F.cross_entropy(picked, wanted, reduction="none")
+        token_wrong = (picked.argmax(-1) != wanted).float()
+        row_of = scored.nonzero()[:, 0]
+        counts = torch.bincount(row_of, minlength=len(batch)).clamp(min=1)
+        mean_loss = torch.bincount(row_of, weights=token_loss, minlength=len(batch)) / counts
+        wrong = torch.bincount(row_of, weights=token_wrong, minlength=len(batch))
+        for row, i in enumerate(batch):
+            results[i] = (mean_loss[row].item(), wrong[row].item() == 0)
     return results
 
 

@@ -162,6 +162,11 @@ def test_batched_equals_one_by_one(tokenizer):
     assert [round(loss, 5) for loss, _ in one] == [round(loss, 5) for loss, _ in batched]
     assert [g for _, g in one] == [g for _, g in batched]
     assert max(shape[0] for shape in model.calls) == 7
+    model.calls.clear()
+    capped = score_sequences(model, sequences, "cpu", batch_size=7, max_batch_tokens=200)
+    assert [round(loss, 5) for loss, _ in capped] == [round(loss, 5) for loss, _ in one]
+    assert all(rows * width <= 200 or rows == 1 for rows, width in model.calls)
+    assert max(rows for rows, _ in model.calls) > 1
 
 
 def test_long_prompts_are_cropped_from_the_left(tokenizer):
