@@ -99,7 +99,7 @@ def save_model(base_dir: Path, model: GPT, source: str = "base", tag: str = "d1"
                     rank_state={}, keep_last=-1)
 
 
-def train_tool_caller(tokenizer: Tokenizer, sequence: list[int], steps: int = 150) -> GPT:
+def train_tool_caller(tokenizer: Tokenizer, sequence: list[int], steps: int = 80) -> GPT:
     """Overfit a depth-1 GPT on one conversation so greedy decoding reproduces its tool call."""
     model = random_gpt(tokenizer.vocab_size, depth=1, max_seq_len=64).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
