@@ -337,6 +337,10 @@ class DatasetFlags:
         chosen = [self.num_shards != -1, bool(self.from_text), bool(self.from_jsonl), self.source == "demo"]
         if sum(chosen) != 1:
             raise FlagError("pick exactly one of -n N, --from_text PATH, --from_jsonl PATH, --source demo")
+        for name in ("from_text", "from_jsonl"):
+            missing = [p for p in getattr(self, name) if not Path(p).expanduser().exists()]
+            if missing:
+                raise FlagError(f"--{name}: {missing[0]} does not exist")
         if self.shard_mb <= 0 and self.shard_mb != -1:
             raise FlagError(f"--shard_mb must be > 0 or -1 (default), got {self.shard_mb}")
 
