@@ -107,14 +107,9 @@ if enter_namespaces():
     if child:
         # Outside the namespace: relay the exit status. Our death kills PID 1 (pdeathsig), and with it the namespace.
         os.close(report_fd)
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except ChildProcessError:
-                os._exit(1)
+        _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
-        os._exit(code if code >= 0 else 128 - code)
+        os._exit(code if code >= 0 else 128 - code)  # killed by signal n: 128 + n, as a shell reports it
 
 def die_with_relay():
     """PID 1 gets SIGKILL when the relay dies, even after a setsid() took it out of the killed group. Set again
@@ -166,17 +161,19 @@ if os.geteuid() == 0:
 
 def landlock():
     """Writes only under workdir and /dev/null; no TCP; no signals or abstract sockets outside (by ABI)."""
-    SYS_create, SYS_add_rule, SYS_restrict = 444, 445, 446
-    abi = libc.syscall(SYS_create, None, 0, 1)
+    SYS_create, SYS_add_rule, SYS_restrict = 444, 445, 446  # the same numbers on x86-64 and arm64
+    abi = libc.syscall(SYS_create, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         return False
+    # WRITE_FILE, REMOVE_DIR, REMOVE_FILE, MAKE_{CHAR,DIR,REG,SOCK,FIFO,BLOCK,SYM}; + REFER (2), TRUNCATE (3).
+    # Reading and executing are not handled, so they stay allowed everywhere.
     write_rights = (1 << 1) | (1 << 4) | (1 << 5) | sum(1 << b for b in range(6, 13))
     if abi >= 2:
         write_rights |= 1 << 13
     if abi >= 3:
         write_rights |= 1 << 14
-    net_rights = 0b11 if abi >= 4 else 0
-    scoped = 0b11 if abi >= 6 else 0
+    net_rights = 0b11 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
+    scoped = 0b11 if abi >= 6 else 0  # ABSTRACT_UNIX_SOCKET | SIGNAL: nothing outside this domain
     attr = (ctypes.c_uint64 * 3)(write_rights, net_rights, scoped)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = libc.syscall(SYS_create, ctypes.byref(attr), size, 0)
@@ -206,6 +203,7 @@ network_blocked = landlock() or "netns" in isolation
 with os.fdopen(report_fd, "w") as report:
     report.write(json.dumps(isolation))
 
+# os.fork stays: the process limit and the PID namespace contain it, and tests exercise exactly that.
 import posix
 for module in (os, posix):
     for name in list(vars(module)):
