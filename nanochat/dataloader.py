@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError
@@ -39,17 +40,20 @@ PREFETCH_GROUPS = 2
 class GroupTokenizer:
     """Reads one of this rank's row groups and returns its documents as int32 token arrays starting with BOS."""
 
-    def __init__(self, tokenizer, groups: list[tuple[Path, int]], num_threads: int, docs: slice = slice(None)):
-        self.tokenizer, self.groups, self.num_threads, self.docs = tokenizer, groups, num_threads, docs
+    def __init__(self, tokenizer, groups: list[tuple[Path, int]], num_threads: int,
+                 doc_slices: list[slice] | None = None):
+        self.tokenizer, self.groups, self.num_threads = tokenizer, groups, num_threads
+        self.doc_slices = doc_slices or [slice(None)] * len(groups)
 
     def __call__(self, position: int) -> list[np.ndarray]:
         path, group = self.groups[position]
         try:
-            texts = read_row_group(path, group)[self.docs]
+            texts = read_row_group(path, group)
         except (OSError, pa.ArrowException) as exc:
             raise UserError(f"cannot read {path} row group {group} ({exc}); {MAKE_SHARDS_HINT}") from exc
         if not texts:
             raise UserError(f"{path} row group {group} is empty; {MAKE_SHARDS_HINT}")
+        texts = texts[self.doc_slices[position]]
         token_lists = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id, num_threads=self.num_threads)
         return [np.asarray(tokens, dtype=np.int32) for tokens in token_lists]
 
@@ -92,6 +96,18 @@ class TokenizingReader(threading.Thread):
         self.join(timeout=10)
 
 
+def share_documents(groups: list[tuple[Path, int]], rank: int, world_size: int, split: str) -> list[slice]:
+    """Per row group, the slice of documents rank r keeps: those whose index across the split is r mod w."""
+    slices, offset = [], 0
+    for path, group in groups:
+        slices.append(slice((rank - offset) % world_size, None, world_size))
+        offset += pq.ParquetFile(path).metadata.row_group(group).num_rows
+    if offset < world_size:
+        raise UserError(f"the {split} split has {offset} documents, fewer than {world_size} ranks; "
+                        f"use fewer ranks or more data ({MAKE_SHARDS_HINT})")
+    return slices
+
+
 class PretrainLoader:
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train",
                  device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1, doc_mask: bool = False,
@@ -106,11 +122,11 @@ class PretrainLoader:
         self.buffer_docs = max(1, buffer_docs)
         all_groups = row_groups(split, directory)
         if len(all_groups) >= world_size:
-            self.groups, docs = all_groups[rank::world_size], slice(None)
+            self.groups, doc_slices = all_groups[rank::world_size], None
         else:  # too few row groups (a small val shard): every rank reads them all, keeping every w-th document
-            self.groups, docs = all_groups, slice(rank, None, world_size)
+            self.groups, doc_slices = all_groups, share_documents(all_groups, rank, world_size, split)
         self.shard_names = sorted({path.name for path, _ in self.groups})
-        self.tokenize_group = GroupTokenizer(tokenizer, self.groups, tokenizer_threads, docs)
+        self.tokenize_group = GroupTokenizer(tokenizer, self.groups, tokenizer_threads, doc_slices)
         # Buffer of tokenized documents, sorted by length, with a (position, doc) reference for each.
         self.lengths: list[int] = []
         self.docs: list[np.ndarray] = []

@@ -116,15 +116,20 @@ def test_val_split_reads_last_shard(corpus):
     next(loader)
 
 
-def test_more_ranks_than_row_groups_share_by_document(corpus):
+@pytest.mark.parametrize("world_size", [4, 7])
+def test_more_ranks_than_row_groups_share_by_document(corpus, world_size):
     whole = make(corpus, split="val")
-    loaders = [make(corpus, split="val", rank=r, world_size=4) for r in range(4)]
+    loaders = [make(corpus, split="val", rank=r, world_size=world_size) for r in range(world_size)]
     assert all(loader.groups == whole.groups for loader in loaders)  # the val shard has only 3 row groups
-    for position in range(len(whole.groups)):
-        everything = [doc.tolist() for doc in whole.tokenize_group(position)]
-        per_rank = [[doc.tolist() for doc in loader.tokenize_group(position)] for loader in loaders]
-        assert [per_rank[i % 4][i // 4] for i in range(len(everything))] == everything
+    everything = [doc.tolist() for p in range(3) for doc in whole.tokenize_group(p)]
+    per_rank = [[doc.tolist() for p in range(3) for doc in loader.tokenize_group(p)] for loader in loaders]
+    assert [per_rank[i % world_size][i // world_size] for i in range(len(everything))] == everything
     assert all(next(loader)[0].shape == (3, 64) for loader in loaders)
+
+
+def test_fewer_documents_than_ranks_is_a_clear_error(corpus):
+    with pytest.raises(UserError, match="val split has 30 documents, fewer than 31 ranks"):
+        make(corpus, split="val", rank=0, world_size=31)
 
 
 def test_shard_vanishing_midway_is_a_clear_error_in_the_training_thread(corpus, tmp_path):
