@@ -131,6 +131,7 @@ class Tmux:
         script = f"export {exports}; {command}; echo EXIT=$?; sleep 600"
         self.tmux("new-session", "-d", "-s", "main", "-x", str(width), "-y", str(height),
                   f"bash -c {shlex.quote(script)}")
+        self.socket_path = Path(self.tmux("display-message", "-p", "#{socket_path}").strip())
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
@@ -161,3 +162,4 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        self.socket_path.unlink(missing_ok=True)  # the killed server leaves its socket file behind
