@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ class ChatTrainFlags(StageFlags):
     spelling_bee: int = flag(-1, "SpellingBee examples; -1 = the stage's share of the chat size; 0 = none")
     arithmetic: int = flag(-1, "calculator word problems; -1 = the stage's share of the chat size; 0 = none")
     words_file: str = flag("", "word list for the spelling tasks; empty = cache, /usr/share/dict or the shards")
+    task_train_sets: bool | None = flag(None, "mix in the train splits of the eval tasks (mid: MMLU auxiliary_train "
+                                              "+ GSM8K; SFT: ARC + GSM8K); none = only with hub chat data")
     eval_batches: int = flag(20, "val batches per val-loss evaluation")
 
     def __post_init__(self):
@@ -104,15 +107,16 @@ def stage_optimizers(model, flags: StageFlags) -> list:
                             matrix_lr=flags.matrix_lr * flags.init_lr_frac, weight_decay=flags.weight_decay)
 
 
-def examples_accum_steps(target_examples: int, device_batch_size: int, world_size: int) -> int:
+def examples_accum_steps(target_examples: int, device_batch_size: int, world_size: int,
+                         flag_name: str = "target_examples_per_step") -> int:
     """Micro-steps per optimizer step so that a step sees `target_examples` conversations across ranks."""
     per_micro = device_batch_size * world_size
     if target_examples % per_micro == 0 and target_examples > 0:
         return target_examples // per_micro
     nearest = max(per_micro, round(target_examples / per_micro) * per_micro)
-    raise FlagError(f"--target_examples_per_step {target_examples} is not a multiple of {per_micro} conversations "
-                    f"per micro-step (device_batch_size {device_batch_size} × {world_size} ranks); "
-                    f"try --target_examples_per_step {nearest}")
+    raise FlagError(f"--{flag_name} {target_examples} is not a multiple of {per_micro} conversations per "
+                    f"micro-step (device_batch_size {device_batch_size} × {world_size} ranks); "
+                    f"try --{flag_name} {nearest}")
 
 
 def resolve_chat_data(choice: str) -> str:
@@ -128,15 +132,17 @@ SYNTHETIC = {"simple_spelling": SimpleSpelling, "spelling_bee": SpellingBee, "ar
 
 
 def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: dict[str, float],
-                 extra: list[Task] = ()) -> TaskMixture:
-    """Chat conversations (+ the identity file, twice, in train) + `extra` + synthetic tasks, shuffled with the
-    seed. A synthetic task's size is its flag, or (-1) its `fractions` entry times the chat size; val gets a
-    tenth of train's synthetic examples."""
+                 task_train_sets: Callable[[], list[Task]] = list) -> TaskMixture:
+    """Chat conversations (+ the identity file, twice, in train) + the eval tasks' train splits (train only,
+    see --task_train_sets) + synthetic tasks, shuffled with the seed. A synthetic task's size is its flag, or
+    (-1) its `fractions` entry times the chat size; val gets a tenth of train's synthetic examples."""
     tasks: list[Task] = []
     if flags.chat_examples != 0:
         tasks.append(SmolTalk(split, data=chat_data, stop=None if flags.chat_examples == -1 else flags.chat_examples))
     chat_size = len(tasks[0]) if tasks else 0
-    tasks += extra
+    use_task_sets = flags.task_train_sets if flags.task_train_sets is not None else chat_data == "hub"
+    if use_task_sets and split == "train":
+        tasks += task_train_sets()
     if flags.identity_file and split == "train":
         identity = CustomJSON(flags.identity_file)
         tasks += [identity, identity]

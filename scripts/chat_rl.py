@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_stage import StageFlags, stage_optimizers, start_stage
-from nanochat.common import UserError, cleanup_distributed, print0
+from nanochat.chat_stage import StageFlags, examples_accum_steps, stage_optimizers, start_stage
+from nanochat.common import cleanup_distributed, print0
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, train
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task
+from tasks.gsm8k import GSM8K
 
 
 @dataclass
@@ -52,14 +53,9 @@ def rl_task(flags: RLFlags, split: str) -> Task:
     if flags.task == "arithmetic":
         size = 8000 if flags.train_examples == -1 else flags.train_examples
         return Arithmetic(size if split == "train" else max(1, size // 10), split=split)
-    try:
-        from tasks.gsm8k import GSM8K  # the evals engineer's task: train split for RL, test split held out
-    except ImportError as exc:
-        raise UserError("tasks/gsm8k.py is not available in this checkout; use --task arithmetic") from exc
-    task = GSM8K(split="train" if split == "train" else "test")
-    if split == "train" and flags.train_examples != -1:
-        task.stop = flags.train_examples
-    return task
+    if split == "train":
+        return GSM8K(split="train", stop=None if flags.train_examples == -1 else flags.train_examples)
+    return GSM8K(split="test")  # scored only, never trained on
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,10 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = start_stage(flags, flags.source, "rl")
     dist, model, tokenizer = stage.dist, stage.model, stage.tokenizer
     train_task, val_task = rl_task(flags, "train"), rl_task(flags, "val")
-    if flags.examples_per_step % dist.world_size:
-        raise FlagError(f"--examples_per_step {flags.examples_per_step} is not a multiple of {dist.world_size} "
-                        f"ranks; try --examples_per_step {max(1, round(flags.examples_per_step / dist.world_size)) * dist.world_size}")
-    accum = flags.examples_per_step // dist.world_size
+    accum = examples_accum_steps(flags.examples_per_step, 1, dist.world_size, "examples_per_step")
     num_iterations = flags.num_iterations
     if num_iterations == -1:
         num_iterations = max(1, len(train_task) // flags.examples_per_step)

@@ -22,13 +22,21 @@ from nanochat.engine import Engine
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, train
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
 
 SFT_FRACTIONS = {"simple_spelling": 0.03, "spelling_bee": 0.03, "arithmetic": 0.1}
+
+
+def mixture_task_sets() -> list:
+    """Answering science questions and word problems, from the train splits of ARC and GSM8K."""
+    return [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K(split="train")]
 
 
 @dataclass
 class SFTFlags(ChatTrainFlags):
     source: str = flag("mid", "checkpoint to start from", choices=("mid", "base"))
+    chat_examples: int = flag(10000, "chat conversations in the mixture; -1 = all; 0 = none")
     device_batch_size: int = flag(4, "conversations per device per micro-step; lower it if you run out of memory")
     target_examples_per_step: int = flag(32, "conversations per optimizer step across all ranks")
     num_epochs: int = flag(1, "passes over the mixture when --num_iterations is -1")
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = start_stage(flags, flags.source, "sft")
     dist, model, tokenizer, seq_len = stage.dist, stage.model, stage.tokenizer, stage.seq_len
     chat_data = resolve_chat_data(flags.chat_data)
-    train_task = chat_mixture(flags, "train", chat_data, SFT_FRACTIONS)
+    train_task = chat_mixture(flags, "train", chat_data, SFT_FRACTIONS, mixture_task_sets)
     val_task = chat_mixture(flags, "val", chat_data, SFT_FRACTIONS)
 
     accum = examples_accum_steps(flags.target_examples_per_step, flags.device_batch_size, dist.world_size)

@@ -20,9 +20,16 @@ from nanochat.common import cleanup_distributed, print0
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
 
 # Synthetic examples per chat conversation in the mixture (about smol-smoltalk : 200k/80k/40k at full size).
 MID_FRACTIONS = {"simple_spelling": 0.4, "spelling_bee": 0.2, "arithmetic": 0.1}
+
+
+def mixture_task_sets() -> list:
+    """Multiple-choice format and calculator use, from the train splits of MMLU and GSM8K."""
+    return [MMLU(split="auxiliary_train"), GSM8K(split="train")]
 
 
 @dataclass
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = start_stage(flags, flags.source, "mid")
     dist, model, tokenizer, seq_len = stage.dist, stage.model, stage.tokenizer, stage.seq_len
     chat_data = resolve_chat_data(flags.chat_data)
-    train_task = chat_mixture(flags, "train", chat_data, MID_FRACTIONS)
+    train_task = chat_mixture(flags, "train", chat_data, MID_FRACTIONS, mixture_task_sets)
     val_task = chat_mixture(flags, "val", chat_data, MID_FRACTIONS)
 
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, seq_len, dist.world_size)

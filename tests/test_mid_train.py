@@ -78,3 +78,26 @@ def test_mid_train_bad_identity_file_is_one_line(mid_base, base_dir):
 def test_mid_train_without_base_checkpoint_says_what_to_run(base_dir):
     with pytest.raises(UserError, match="base_train"):
         main(["--num_iterations", "1"])
+
+
+def test_eval_task_train_sets_join_the_mixture_when_asked(mid_base, base_dir, shared_data):
+    """The train splits of GSM8K and MMLU load from chat_data/ (here: small files standing in for the fetched ones)."""
+    import gzip
+    import shutil
+
+    from nanochat.chat_stage import chat_mixture, resolve_chat_data
+    from nanochat.flags import parse_flags
+    from scripts.mid_train import MID_FRACTIONS, MidFlags, mixture_task_sets
+
+    (base_dir / "chat_data").mkdir(exist_ok=True)
+    shutil.copy(shared_data / "eval" / "mmlu_dev.jsonl.gz", base_dir / "chat_data" / "mmlu_aux_train.jsonl.gz")
+    with gzip.open(shared_data / "eval" / "gsm8k.jsonl.gz", "rt") as src, \
+            gzip.open(base_dir / "chat_data" / "gsm8k_train.jsonl.gz", "wt") as dst:
+        dst.writelines(line for _, line in zip(range(7), src))
+    flags = parse_flags(MidFlags, mid_base[:4] + ["--chat_examples", "5", "--task_train_sets"])
+    names = lambda mixture: sorted(type(t).__name__ for t in mixture.tasks)  # noqa: E731
+    train = chat_mixture(flags, "train", resolve_chat_data(flags.chat_data), MID_FRACTIONS, mixture_task_sets)
+    assert names(train) == ["Arithmetic", "GSM8K", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee"]
+    assert len(train) == 5 + 285 + 7 + 2 + 1 + 1
+    flags = parse_flags(MidFlags, mid_base[:4] + ["--chat_examples", "5"])  # not hub: off by default
+    assert "GSM8K" not in names(chat_mixture(flags, "train", flags.chat_data, MID_FRACTIONS, mixture_task_sets))
