@@ -98,7 +98,7 @@ def log_section(title: str, data=(), *, source: str | None = None, metrics: dict
     body = render_data(data)
     write_atomic(directory / f"{slug}.md", f"## {title}\n\n{body}\n")
     sidecar = {"title": title, "source": source, "metrics": metrics or {}, "wall_time_s": wall_time_s,
-               "logged_at": datetime.datetime.now().isoformat(timespec="seconds")}
+               "logged_at": datetime.datetime.now().isoformat(timespec="microseconds")}
     write_atomic(directory / f"{slug}.json", json.dumps(sidecar, indent=1))
     return directory / f"{slug}.md"
 

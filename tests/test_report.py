@@ -21,6 +21,7 @@ def test_generate_with_some_stages_missing(base_dir, tmp_path):
                        source="base", metrics={"CORE": 0.1234}, wall_time_s=90.0)
     report.log_section("Chat eval sft", {"ARC-Easy": 0.31}, source="sft",
                        metrics={"ARC-Easy": 0.31, "GSM8K": 0.02, "not a summary metric": 5.0}, wall_time_s=1800)
+    report.log_section("A late section", "logged last, listed last")
     write_train_log(base_dir, "base_checkpoints", [{"step": s, "loss": 5.0 - s * 0.1} for s in range(10)]
                     + [{"step": 0, "val_bpb": 2.5}, {"step": 9, "val_bpb": 2.1}])
     write_train_log(base_dir, "chatsft_checkpoints", [{"step": 0, "loss": 2.0}, {"step": 0, "val_loss": 1.5}])
@@ -42,7 +43,7 @@ def test_generate_with_some_stages_missing(base_dir, tmp_path):
     # 1890 s = 0.525 h on 8 GPUs at $2 = $8.40
     assert "Estimated cost: $8.40" in text
     assert "## Base eval" in text and "- CORE: 0.1234" in text and "| 1 | 2 |" in text
-    assert text.index("## Base eval") < text.index("## Chat eval sft")
+    assert text.index("## Base eval") < text.index("## Chat eval sft") < text.index("## A late section")
     assert "Git commit" in text and "torch" in text and "Lines" in text
     assert "![Training loss](train_loss.png)" in text and "![Validation bpb (base) and loss (mid, sft)](val_bpb.png)" in text
     for name in ("train_loss.png", "val_bpb.png"):
