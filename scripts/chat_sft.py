@@ -58,11 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     stage = start_stage(flags, flags.source, "sft")
     dist, model, tokenizer, seq_len = stage.dist, stage.model, stage.tokenizer, stage.seq_len
+    accum = examples_accum_steps(flags.target_examples_per_step, flags.device_batch_size, dist.world_size)
     chat_data = resolve_chat_data(flags.chat_data)
     train_task = chat_mixture(flags, "train", chat_data, SFT_FRACTIONS, mixture_task_sets)
     val_task = chat_mixture(flags, "val", chat_data, SFT_FRACTIONS)
-
-    accum = examples_accum_steps(flags.target_examples_per_step, flags.device_batch_size, dist.world_size)
     num_iterations = flags.num_iterations
     if num_iterations == -1:
         num_iterations = max(1, len(train_task) * flags.num_epochs // flags.target_examples_per_step)

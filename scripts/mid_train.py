@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     stage = start_stage(flags, flags.source, "mid")
     dist, model, tokenizer, seq_len = stage.dist, stage.model, stage.tokenizer, stage.seq_len
+    accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, seq_len, dist.world_size)
     chat_data = resolve_chat_data(flags.chat_data)
     train_task = chat_mixture(flags, "train", chat_data, MID_FRACTIONS, mixture_task_sets)
     val_task = chat_mixture(flags, "val", chat_data, MID_FRACTIONS)
-
-    accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, seq_len, dist.world_size)
     rows_per_step = flags.device_batch_size * accum * dist.world_size
     num_iterations = flags.num_iterations
     if num_iterations == -1:

@@ -13,7 +13,7 @@ from scripts.chat_sft import main
 from tasks.spellingbee import SimpleSpelling, words_from_texts
 from tests.chat_fixtures import chat_texts, make_base_checkpoint, one_thread  # noqa: F401 (fixture)
 
-SYNTHETIC_OFF = ["--chat_examples", "0", "--spelling_bee", "0", "--arithmetic", "0"]
+SYNTHETIC_OFF = ["--chat_examples", "0", "--spelling_bee", "0", "--arithmetic", "0", "--task_train_sets", "false"]
 
 
 @pytest.fixture
