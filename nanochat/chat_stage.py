@@ -1,5 +1,5 @@
-"""What mid_train, chat_sft and chat_rl share: flags, the starting checkpoint, optimizers, the data choice,
-task mixtures, and generative accuracy with the engine.
+"""What mid_train, chat_sft and chat_rl share: flags, the starting checkpoint, optimizers, the data choice and
+the task mixtures.
 
 Each stage starts from another stage's checkpoint (`--source`, `--model_tag`, `--step`; newest by default) and
 writes its own under the same tag. The training itself is `nanochat.trainer.train`, the one loop.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
 from nanochat.common import DistInfo, autodetect_device_type, init_distributed, print0, seed_everything
@@ -164,21 +163,3 @@ def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: d
     print0(f"{split} mixture: {len(mixture):,} conversations = " +
            " + ".join(f"{type(t).__name__} {len(t):,}" for t in tasks))
     return mixture
-
-
-@torch.no_grad()
-def generative_accuracy(engine, tokenizer, task: Task, max_problems: int, max_tokens: int = 256,
-                        rank: int = 0, world_size: int = 1) -> float:
-    """Greedy exact-answer accuracy on the first `max_problems` examples (rank-strided, summed over ranks)."""
-    totals = torch.zeros(2, dtype=torch.float64)
-    for i in range(rank, min(max_problems, len(task)), world_size):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-        completion = tokenizer.decode(results[0][len(prompt):])
-        totals[0] += float(task.evaluate(conversation, completion))
-        totals[1] += 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
-

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from nanochat import report
 from nanochat.chat_data import PaddedChatBatches, evaluate_chat_loss
-from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, examples_accum_steps, generative_accuracy,
-                                 resolve_chat_data, stage_optimizers, start_stage)
+from nanochat.chat_eval import GenerationSettings, run_generative
+from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, examples_accum_steps, resolve_chat_data,
+                                 stage_optimizers, start_stage)
 from nanochat.common import cleanup_distributed, print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, flag, parse_flags, run_main
@@ -76,10 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         return {"val_loss": evaluate_chat_loss(eval_model, val_batches, flags.eval_batches)}
 
     def accuracies(eval_model, step):
-        engine = Engine(eval_model, tokenizer)
-        return {f"{type(task).__name__}_acc": generative_accuracy(engine, tokenizer, task, flags.chat_eval_max,
-                                                                  rank=dist.rank, world_size=dist.world_size)
-                for task in val_task.tasks if isinstance(task, tuple(SYNTHETIC.values()))}
+        engine, greedy = Engine(eval_model, tokenizer), GenerationSettings(max_new_tokens=256)
+        metrics = {}
+        for task in val_task.tasks:
+            if isinstance(task, tuple(SYNTHETIC.values())):
+                solved, total = run_generative(engine, tokenizer, task, greedy, flags.chat_eval_max,
+                                               dist.rank, dist.world_size)
+                metrics[f"{type(task).__name__}_acc"] = solved / max(total, 1)
+        return metrics
 
     result = train(model, stage_optimizers(model, flags), batches,
                    lr_schedule=warmup_warmdown(num_iterations, 0, 1.0, 0.0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.chat_stage import generative_accuracy
+from nanochat.chat_eval import GenerationSettings, run_generative
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from nanochat.flags import FlagError
@@ -31,7 +31,8 @@ def spelling_base(base_dir, shared_data):
 def spelling_accuracy(source: str, words: list[str]) -> float:
     model, tokenizer, _ = load_model(source, "cpu")
     held_out = SimpleSpelling(50, split="val", words=words)
-    return generative_accuracy(Engine(model, tokenizer), tokenizer, held_out, 50, max_tokens=40)
+    solved, total = run_generative(Engine(model, tokenizer), tokenizer, held_out, GenerationSettings(max_new_tokens=32))
+    return solved / total
 
 
 @pytest.mark.slow
