@@ -26,6 +26,7 @@ from tasks.gsm8k import GSM8K
 
 @dataclass
 class RLFlags(StageFlags):
+    """Chat RL: on-policy policy gradient on word problems with a final numeric answer."""
     source: str = flag("sft", "checkpoint to start from", choices=("sft", "mid"))
     task: str = flag("gsm8k", "problems to learn from", choices=("gsm8k", "arithmetic"))
     train_examples: int = flag(-1, "questions in the train split; -1 = all (arithmetic: 8000)")
@@ -34,6 +35,8 @@ class RLFlags(StageFlags):
     max_new_tokens: int = flag(256, "longest sampled answer in tokens")
     temperature: float = flag(1.0, "sampling temperature for rollouts and pass@k")
     top_k: int = flag(50, "sample from the k likeliest tokens; -1 = off")
+    compile: bool | None = flag(False, "torch.compile the model; off by default: row lengths change every "
+                                       "micro-batch, and each new shape would recompile")
     init_lr_frac: float = flag(0.05, "starting LR as a fraction of the base LRs")
     eval_every: int = flag(60, "steps between pass@k evaluations; -1 = off")
     eval_examples: int = flag(400, "val questions per pass@k evaluation")

@@ -36,11 +36,14 @@ def mixture_task_sets() -> list:
 
 @dataclass
 class SFTFlags(ChatTrainFlags):
+    """Chat SFT: one conversation per row, loss on the assistant's tokens."""
     source: str = flag("mid", "checkpoint to start from", choices=("mid", "base"))
     chat_examples: int = flag(10000, "chat conversations in the mixture; -1 = all; 0 = none")
     device_batch_size: int = flag(4, "conversations per device per micro-step; lower it if you run out of memory")
     target_examples_per_step: int = flag(32, "conversations per optimizer step across all ranks")
     num_epochs: int = flag(1, "passes over the mixture when --num_iterations is -1")
+    compile: bool | None = flag(False, "torch.compile the model; off by default: row lengths change every "
+                                       "micro-batch, and each new shape would recompile")
     init_lr_frac: float = flag(0.02, "starting LR as a fraction of the base LRs")
     eval_every: int = flag(100, "steps between val-loss evaluations; -1 = off")
     chat_eval_every: int = flag(200, "steps between accuracy evals on the synthetic val tasks; -1 = off")

@@ -34,6 +34,7 @@ def mixture_task_sets() -> list:
 
 @dataclass
 class MidFlags(ChatTrainFlags):
+    """Mid-training: packed chat + tool + spelling conversations from a base checkpoint."""
     source: str = flag("base", "checkpoint to start from", choices=("base", "mid"))
     num_epochs: float = flag(1.0, "passes over the mixture when --num_iterations is -1")
     warmdown_ratio: float = flag(0.2, "fraction of the steps over which the LR decays linearly to zero")
