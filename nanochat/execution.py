@@ -22,10 +22,11 @@ What it does NOT protect against, honestly:
 - Reading: any file the (possibly unprivileged) user can read stays readable (Landlock only restricts writes).
 - As root, modules the program imports by name are imported before the uid drop (a pyenv interpreter under
   /root is unreadable to that uid); a module imported dynamically later may then fail to load.
-- The Python-level guards are speed bumps; code can dig ctypes back out. The OS layers are the real walls, and
-  when the kernel offers none of them (no namespaces, no Landlock, not root) only the rlimits, the process group
-  and the guards remain: then a setsid() grandchild can outlive the run, files the user owns can be written and
-  the network is reachable through any socket the guards miss.
+- The Python-level guards are speed bumps; code can dig ctypes back out. The OS layers are the real walls.
+  Without a PID namespace (e.g. Docker's default seccomp profile forbids unshare) a grandchild that calls
+  setsid() can outlive the run; without Landlock and not as root, files the user owns can be written; without
+  netns and Landlock the network is reachable through any socket the guards miss. Where the kernel offers none
+  of the OS layers, only the rlimits, the process group and the guards remain.
 - Kernel exploits, side channels, and exhausting disk space in the temp dir up to the file-size limit per file.
 - UDP and non-TCP sockets are blocked only by the network namespace, not by Landlock.
 Run untrusted code on a machine you can afford to lose; this is a seatbelt, not a VM.
