@@ -1,10 +1,13 @@
 """chat_sft: a real learning signal on held-out words, and one-line errors for bad batch arithmetic."""
 from __future__ import annotations
 
+import subprocess
+
 import pyarrow.parquet as pq
 import pytest
 
 from nanochat.chat_eval import GenerationSettings, run_generative
+from nanochat.checkpoint import checkpoint_dir, load_checkpoint
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from nanochat.flags import FlagError
@@ -12,6 +15,8 @@ from nanochat.tokenizer import Tokenizer
 from scripts.chat_sft import main
 from tasks.spellingbee import SimpleSpelling, words_from_texts
 from tests.chat_fixtures import chat_texts, make_base_checkpoint, one_thread  # noqa: F401 (fixture)
+from tests.test_tasks_chat import WORDS
+from tests.training_fixtures import read_losses, subprocess_env, torchrun_cmd
 
 SYNTHETIC_OFF = ["--chat_examples", "0", "--spelling_bee", "0", "--arithmetic", "0", "--task_train_sets", "false"]
 
@@ -57,3 +62,29 @@ def test_sft_batch_arithmetic_and_empty_mixture_errors(spelling_base):
         main(["--source", "base", *SYNTHETIC_OFF, "--simple_spelling", "0"])
     with pytest.raises(SystemExit):  # argparse's one-line "invalid choice" error, exit 2
         main(["--source", "rl"])
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_two_ranks_resumes_exactly(base_dir, shared_data):
+    make_base_checkpoint(base_dir, Tokenizer.train_from_iterator(chat_texts(100), 300), seq_len=48)
+    words = base_dir / "words.txt"
+    words.write_text("\n".join(WORDS) + "\n")
+    args = ["-m", "scripts.chat_sft", "--source", "base", "--chat_data", str(shared_data / "chat"),
+            "--chat_examples", "40", "--words_file", str(words), "--device_batch_size", "2",
+            "--target_examples_per_step", "8", "--num_iterations", "4", "--eval_every", "4", "--eval_batches", "2",
+            "--chat_eval_every", "4", "--chat_eval_max", "4", "--save_every", "2", "--keep_last", "-1"]
+
+    def run(*extra):
+        result = subprocess.run(torchrun_cmd(2, *args, *extra), capture_output=True, text=True,
+                                env=subprocess_env(base_dir), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    out = run()
+    assert "2 rank(s)" in out and "val_loss" in out and "SpellingBee_acc" in out
+    tag_dir = checkpoint_dir("sft", "d2")
+    losses = read_losses(tag_dir / "train_log.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert load_checkpoint(tag_dir, 4, "cpu", load_optimizer=False).meta["world_size"] == 2
+    run("--resume_from_step", "2")
+    assert read_losses(tag_dir / "train_log.jsonl") == losses
