@@ -1,6 +1,7 @@
 """The sandbox: each escape attempt must be contained, and the parent must survive and reap everything."""
 import os
 import socket
+import subprocess
 import time
 import uuid
 
@@ -203,4 +204,38 @@ def test_grandchild_of_a_finished_run_is_killed():
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')\n"
     result = execute_code(code, SandboxLimits(timeout_s=5), label=label)
     assert result.success and result.stdout == "parent done\n"
+    assert_reaped(label)
+
+
+NON_ROOT_CHECK = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("execution", sys.argv[1])
+ex = importlib.util.module_from_spec(spec)
+sys.modules["execution"] = ex
+spec.loader.exec_module(ex)
+outside = f"/tmp/nonroot-escape-{os.getpid()}"
+wrote = ex.execute_code(f"open({outside!r}, 'w').write('x')")
+orphan = ex.execute_code("import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(60)\\n",
+                         label=sys.argv[2])
+print(" ".join(wrote.isolation), wrote.success, os.path.exists(outside), orphan.success)
+"""
+
+
+@pytest.mark.slow
+def test_sandbox_started_by_an_unprivileged_user():
+    # The root path drops to a fresh uid; this checks the other path: user namespace + Landlock, no uid change.
+    system_python = "/usr/bin/python3"
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "execution.py")
+    if os.geteuid() != 0 or not os.path.exists(system_python):
+        pytest.skip("needs root (to become nobody) and a system python3")
+    label = f"nonroot-{uuid.uuid4().hex}"
+    result = subprocess.run([system_python, "-I", "-c", NON_ROOT_CHECK, module, label], user=65534, group=65534,
+                            extra_groups=[], cwd="/", capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "Permission denied" in result.stderr:
+        pytest.skip(f"{module} is not readable by nobody")
+    assert result.returncode == 0, result.stderr[-2000:]
+    isolation, wrote, exists, orphan_ok = result.stdout.split()[:-3], *result.stdout.split()[-3:]
+    assert "pidns" in isolation and any(layer.startswith("landlock") for layer in isolation)
+    assert "uid" not in isolation
+    assert (wrote, exists, orphan_ok) == ("False", "False", "True")
     assert_reaped(label)
