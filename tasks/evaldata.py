@@ -46,11 +46,12 @@ def read_rows(path: Path) -> list[dict]:
 def write_rows_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    with open(tmp, "wb") as raw:
+        with gzip.open(raw, "wt", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        raw.flush()
+        os.fsync(raw.fileno())
     os.replace(tmp, path)
 
 
