@@ -76,6 +76,8 @@ def download_bundle(dest: Path | None = None, url: str | None = None) -> Path:
     dest = Path(dest or bundle_dir())
     if (dest / "core.yaml").exists():
         return dest
+    if dest.exists():
+        raise UserError(f"{dest} exists but has no core.yaml; remove it and fetch the bundle again")
     url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or BUNDLE_URL
     zip_path = dest.parent / "eval_bundle.zip"
     download_file(url, zip_path, validate=validate_zip, desc="CORE eval bundle")

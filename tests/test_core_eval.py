@@ -256,3 +256,9 @@ def test_download_bundle_from_a_loopback_server(tmp_path, file_server, base_dir)
     assert dest == base_dir / "eval_bundle"
     assert [t.label for t in load_bundle()] == ["lm"]
     assert not list(base_dir.glob(".*tmp")) and not (base_dir / "eval_bundle.zip").exists()
+
+
+def test_download_refuses_a_half_bundle(base_dir):
+    (base_dir / "eval_bundle").mkdir()
+    with pytest.raises(UserError, match="has no core.yaml; remove it"):
+        download_bundle(url="http://127.0.0.1:9/never-fetched.zip")
