@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,14 +35,13 @@ def render(tokenizer, conversation: dict, max_tokens: int) -> tuple[list[int], l
 
 def row_tensors(rows: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs/targets (B, length - 1) from rows of (ids, mask); a target is IGNORE where its mask is 0 or padding."""
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), length), IGNORE, dtype=np.int64)
     for i, (row_ids, row_mask) in enumerate(rows):
         n = len(row_ids)
-        ids[i, :n] = torch.tensor(row_ids, dtype=torch.long)
-        mask = torch.tensor(row_mask, dtype=torch.bool)
-        targets[i, :n] = torch.where(mask, ids[i, :n], IGNORE)
-    return ids[:, :-1], targets[:, 1:]
+        ids[i, :n] = row_ids
+        targets[i, :n] = np.where(np.asarray(row_mask, dtype=bool), ids[i, :n], IGNORE)
+    return torch.from_numpy(np.ascontiguousarray(ids[:, :-1])), torch.from_numpy(np.ascontiguousarray(targets[:, 1:]))
 
 
 class ChatBatches:
