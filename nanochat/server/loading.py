@@ -24,13 +24,18 @@ def worker_devices(device_type: str, num_workers: int) -> list[str]:
     return [device_type] * num_workers
 
 
+def cpu_threads_per_worker(num_workers: int) -> int:
+    """Split the cores between workers and leave one to the event loop: torch's OpenMP threads spin between ops,
+    and a loop thread that cannot get a core delays every stream's chunks and /health."""
+    return max(1, ((os.cpu_count() or 1) - 1) // num_workers)
+
+
 def load_workers(source: str, tag: str | None, step: int | None, device_type: str, dtype: torch.dtype | None,
                  num_workers: int) -> LoadedModel:
     """Load `source` (newest tag and step unless given) once per distinct device and wrap one Engine per worker."""
     devices = worker_devices(device_type, num_workers)
-    if device_type == "cpu" and num_workers > 1:
-        # workers generate side by side: split the cores between them rather than oversubscribe
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
+    if device_type == "cpu":
+        torch.set_num_threads(cpu_threads_per_worker(num_workers))
     tag = tag or newest_tag(source_dir(source))
     steps = complete_steps(source_dir(source) / tag)
     if not steps:
