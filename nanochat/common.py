@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,48 @@ def get_base_dir() -> Path:
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
     base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes: a crash mid-write must leave the previous file (or no file) in place, never a torn one
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry (a no-op where the OS refuses)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temp path next to `path` for any writer (pyarrow, torch.save, ...); on success it is fsynced
+    and renamed over `path`, on error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # rename last
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path | str, data: str | bytes) -> None:
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------------------

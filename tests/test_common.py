@@ -166,3 +166,24 @@ def test_bad_flags_print_one_line_and_exit_2(tmp_path, args, message):
 def test_good_flags_run(tmp_path):
     result = run_flag_cli(tmp_path, "--device_batch_size", "3")
     assert result.returncode == 0 and result.stdout.strip() == "ok 3"
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    common.atomic_write(target, "first")
+    common.atomic_write(target, b"second")
+    assert target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]
+
+
+def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
+    target = tmp_path / "file.txt"
+    common.atomic_write(target, "good")
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
