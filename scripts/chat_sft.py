@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         return {"val_loss": evaluate_chat_loss(eval_model, val_batches, flags.eval_batches)}
 
     def accuracies(eval_model, step):
-        engine, greedy = Engine(eval_model, tokenizer), GenerationSettings(max_new_tokens=256)
+        # answers get at most half the context, as chat_eval allows (it would otherwise print a note each time)
+        greedy = GenerationSettings(max_new_tokens=min(256, eval_model.config.max_seq_len // 2))
+        engine = Engine(eval_model, tokenizer)
         metrics = {}
         for task in val_task.tasks:
             if isinstance(task, tuple(SYNTHETIC.values())):
