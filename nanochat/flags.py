@@ -93,7 +93,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             continue
         base, optional = _unwrap_optional(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        kwargs: dict[str, Any] = {"default": default, "help": field.metadata.get("help", "")}
+        kwargs: dict[str, Any] = {"default": default, "help": field.metadata.get("help", "").replace("%", "%%")}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         if typing.get_origin(base) is list:

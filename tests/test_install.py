@@ -40,3 +40,15 @@ def test_clean_copy_builds_one_abi3_wheel_and_imports(tmp_path):
     tracked = {p.relative_to(REPO / "nanochat").as_posix() for p in (REPO / "nanochat").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert tracked <= shipped, f"files missing from the wheel: {sorted(tracked - shipped)}"
+
+
+def test_setup_without_cargo_says_how_to_get_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    (bin_dir / "python3").symlink_to(os.path.realpath(sys.executable))  # a real binary, not a pyenv shim
+    result = subprocess.run(["/bin/bash", "-c", "source scripts/setup.sh"], cwd=REPO, capture_output=True,
+                            text=True, env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cargo (Rust) not found; install it with:"), result.stderr
