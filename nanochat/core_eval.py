@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_path, get_base_dir
 from nanochat.download import download_file, validate_zip
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -306,15 +306,10 @@ def evaluate_core(model, tokenizer, tasks: list[CoreTask], device, max_seq_len: 
 
 def write_results_csv(results: dict, path: Path) -> Path:
     """Task, Accuracy, Centered per row and a final CORE row; atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Task", "Accuracy", "Centered"])
         for row in results["tasks"]:
             writer.writerow([row["label"], f"{row['accuracy']:.6f}", f"{row['centered']:.6f}"])
         writer.writerow(["CORE", "", f"{results['core']:.6f}"])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path

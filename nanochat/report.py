@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
-from nanochat.common import UserError, get_base_dir, get_rank
+from nanochat.common import UserError, atomic_path, atomic_write, get_base_dir, get_rank
 from nanochat.flags import flag, parse_flags, run_main
 
 SOURCES = tuple(CHECKPOINT_DIRS)  # base, mid, sft, rl: the summary-table columns
@@ -43,16 +43,6 @@ def report_dir() -> Path:
     directory = get_base_dir() / "report"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Temp file + fsync + rename: a crash leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def slugify(title: str) -> str:
@@ -96,10 +86,10 @@ def log_section(title: str, data=(), *, source: str | None = None, metrics: dict
     directory = report_dir()
     slug = slugify(title)
     body = render_data(data)
-    write_atomic(directory / f"{slug}.md", f"## {title}\n\n{body}\n")
+    atomic_write(directory / f"{slug}.md", f"## {title}\n\n{body}\n")
     sidecar = {"title": title, "source": source, "metrics": metrics or {}, "wall_time_s": wall_time_s,
                "logged_at": datetime.datetime.now().isoformat(timespec="microseconds")}
-    write_atomic(directory / f"{slug}.json", json.dumps(sidecar, indent=1))
+    atomic_write(directory / f"{slug}.json", json.dumps(sidecar, indent=1))
     return directory / f"{slug}.md"
 
 
@@ -109,7 +99,7 @@ def reset() -> None:
     for path in directory.iterdir():
         if path.is_file() and path.suffix in (".md", ".json", ".png"):
             path.unlink()
-    write_atomic(directory / STARTED_FILE, datetime.datetime.now().isoformat(timespec="seconds"))
+    atomic_write(directory / STARTED_FILE, datetime.datetime.now().isoformat(timespec="seconds"))
 
 
 def load_sections(directory: Path) -> list[dict]:
@@ -246,9 +236,8 @@ def plot_curves(directory: Path) -> list[tuple[str, str]]:
             ax.legend()
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            tmp = directory / f".{file_name}.tmp.png"
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, directory / file_name)
+            with atomic_path(directory / file_name) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
             drawn.append((caption, file_name))
         plt.close(fig)
     return drawn
@@ -274,7 +263,7 @@ def generate(gpu_hourly_cost: float = 3.0, num_gpus: int | None = None, copy_to:
     ]
     parts += [section["markdown"].strip() for section in sections]
     out = directory / "report.md"
-    write_atomic(out, "\n\n".join(parts) + "\n")
+    atomic_write(out, "\n\n".join(parts) + "\n")
     destination = Path(copy_to) if copy_to is not None else Path.cwd()
     if destination.resolve() != directory.resolve():
         shutil.copyfile(out, destination / "report.md")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_path, get_base_dir
 from tasks.common import Task, render_mc
 from tasks.hub import fetch_hub_parquet
 
@@ -44,15 +43,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as raw:
-        with gzip.open(raw, "wt", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def fetch_rows(source: HubSource, dest_dir: Path) -> list[dict]:
