@@ -32,7 +32,7 @@ class ChatEvalFlags(RuntimeFlags):
     max_problems: int = flag(-1, "-x: problems per task (the first N); -1 = all")
     temperature: float = flag(0.0, "-t: sampling temperature for generative tasks; 0 = greedy")
     top_k: int = flag(50, "-k: sample from the k most likely tokens; -1 = off")
-    max_new_tokens: int = flag(512, "tokens generated per sample")
+    max_new_tokens: int = flag(512, "tokens generated per sample; capped at half the model's context")
     batch_size: int = flag(8, "prompts per forward pass for categorical tasks")
     model_tag: str = flag("", "checkpoint tag; empty = the newest")
     step: int = flag(-1, "checkpoint step; -1 = the newest")
