@@ -20,6 +20,7 @@ from nanochat.optim import setup_optimizers
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.customjson import CustomJSON
+from tasks.identity import Identity
 from tasks.smoltalk import SmolTalk, demo_chat_dir
 from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
 
@@ -48,8 +49,8 @@ class ChatTrainFlags(StageFlags):
     """StageFlags plus the conversation mixture (mid and SFT)."""
     chat_data: str = flag("auto", "chat conversations: hub (smol-smoltalk), demo (chat_data/demo), or a directory "
                                   "with {train,val}.jsonl(.gz); auto = demo when built, else hub")
-    identity_file: str = flag("", "jsonl of your own conversations (e.g. who made the model), mixed in twice; "
-                                  "empty = none")
+    identity: str = flag("builtin", "identity conversations, mixed in twice (train only): builtin (tasks/identity.py), "
+                                    "off, or a jsonl file of your own (e.g. who made the model)")
     chat_examples: int = flag(-1, "chat conversations in the mixture; -1 = all; 0 = none")
     simple_spelling: int = flag(-1, "SimpleSpelling examples; -1 = the stage's share of the chat size; 0 = none")
     spelling_bee: int = flag(-1, "SpellingBee examples; -1 = the stage's share of the chat size; 0 = none")
@@ -132,7 +133,7 @@ SYNTHETIC = {"simple_spelling": SimpleSpelling, "spelling_bee": SpellingBee, "ar
 
 def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: dict[str, float],
                  task_train_sets: Callable[[], list[Task]] = list) -> TaskMixture:
-    """Chat conversations (+ the identity file, twice, in train) + the eval tasks' train splits (train only,
+    """Chat conversations (+ identity conversations, twice, in train) + the eval tasks' train splits (train only,
     see --task_train_sets) + synthetic tasks, shuffled with the seed. A synthetic task's size is its flag, or
     (-1) its `fractions` entry times the chat size; val gets a tenth of train's synthetic examples."""
     tasks: list[Task] = []
@@ -142,8 +143,10 @@ def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: d
     use_task_sets = flags.task_train_sets if flags.task_train_sets is not None else chat_data == "hub"
     if use_task_sets and split == "train":
         tasks += task_train_sets()
-    if flags.identity_file and split == "train":
-        identity = CustomJSON(flags.identity_file)
+    if flags.identity != "off" and split == "train":
+        # builtin: about 1 in 40 conversations at most, and no more than 1000 distinct ones
+        identity = Identity(min(1000, max(10, chat_size // 40))) if flags.identity == "builtin" \
+            else CustomJSON(flags.identity)
         tasks += [identity, identity]
     words = None
     for name, task_class in SYNTHETIC.items():

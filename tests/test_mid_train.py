@@ -47,7 +47,7 @@ def test_mid_train_runs_and_resumes_exactly(mid_base, base_dir):
 
 def test_mid_train_one_epoch_by_default_and_lr_never_rises(mid_base):
     main(mid_base + ["--chat_examples", "12", "--simple_spelling", "4", "--spelling_bee", "0", "--arithmetic", "2",
-                     "--eval_every", "-1"])
+                     "--identity", "off", "--eval_every", "-1"])
     log = (checkpoint_dir("mid", "d2") / "train_log.jsonl").read_text().splitlines()
     import json
 
@@ -66,7 +66,7 @@ def test_mid_train_bad_batch_arithmetic_suggests_values(mid_base):
 def test_mid_train_bad_identity_file_is_one_line(mid_base, base_dir):
     good = [{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]
     bad = write_jsonl(base_dir / "identity.jsonl", [good, [{"role": "user", "content": "no reply"}]])
-    result = subprocess.run([sys.executable, "-m", "scripts.mid_train", *mid_base, "--identity_file", str(bad),
+    result = subprocess.run([sys.executable, "-m", "scripts.mid_train", *mid_base, "--identity", str(bad),
                              "--num_iterations", "1"], capture_output=True, text=True,
                             env=subprocess_env(base_dir), timeout=120)
     assert result.returncode == 2
@@ -97,7 +97,8 @@ def test_eval_task_train_sets_join_the_mixture_when_asked(mid_base, base_dir, sh
     flags = parse_flags(MidFlags, mid_base[:4] + ["--chat_examples", "5", "--task_train_sets"])
     names = lambda mixture: sorted(type(t).__name__ for t in mixture.tasks)  # noqa: E731
     train = chat_mixture(flags, "train", resolve_chat_data(flags.chat_data), MID_FRACTIONS, mixture_task_sets)
-    assert names(train) == ["Arithmetic", "GSM8K", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee"]
-    assert len(train) == 5 + 285 + 7 + 2 + 1 + 1
+    assert names(train) == ["Arithmetic", "GSM8K", "Identity", "Identity", "MMLU", "SimpleSpelling", "SmolTalk",
+                            "SpellingBee"]
+    assert len(train) == 5 + 285 + 7 + 2 * 10 + 2 + 1 + 1
     flags = parse_flags(MidFlags, mid_base[:4] + ["--chat_examples", "5"])  # not hub: off by default
     assert "GSM8K" not in names(chat_mixture(flags, "train", flags.chat_data, MID_FRACTIONS, mixture_task_sets))

@@ -13,7 +13,8 @@ from nanochat.calculator import calculate
 from nanochat.common import UserError
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
-from tasks.customjson import CustomJSON, read_conversations
+from tasks.customjson import CustomJSON, conversation_problem, read_conversations
+from tasks.identity import Identity
 from tasks.smoltalk import SMOLTALK_REPO, SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee, split_words, words_from_texts
 from tasks.tooluse import answers_match, extract_answer, tool_parts
@@ -207,6 +208,14 @@ def test_arithmetic_problems_match_the_calculator_and_splits_differ():
         final = example["messages"][-1]["content"][-1]["text"]
         assert train.evaluate(example, final) and not train.evaluate(example, "#### -1")
     assert [train[i] for i in range(10)] != [val[i] for i in range(10)]
+
+
+def test_identity_conversations_are_valid_and_varied():
+    task = Identity(200)
+    assert all(conversation_problem(task[i]) is None for i in range(len(task)))
+    assert len({task[i]["messages"][0]["content"] for i in range(len(task))}) > 50
+    assert any(len(task[i]["messages"]) == 4 for i in range(len(task)))
+    assert "nanochat" in task[0]["messages"][1]["content"] or "nanochat" in task[1]["messages"][1]["content"]
 
 
 def test_mixture_of_chat_tasks_is_deterministic(shared_data):
