@@ -1,7 +1,7 @@
 """The worker pool: one engine (model replica) per worker, a bounded wait queue, and the counters /stats shows.
 
 A request takes a free worker or waits in line; with `max_queue` requests already waiting it is turned away
-(429 with Retry-After). Generation runs in a thread per request, so the event loop keeps answering /health
+(429 with Retry-After). Generation runs on the worker's own thread, so the event loop keeps answering /health
 while workers are busy. A worker goes back to the pool only when its thread has stopped, so a client that
 disconnects frees its worker once the engine notices the cancel flag (within one step).
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from nanochat.server.errors import APIError
@@ -21,11 +21,22 @@ from nanochat.server.generation import Outcome, SamplingParams, Step, run_genera
 STREAM_INTERVAL = 0.02  # seconds between text hand-overs to a stream (50 per second is smooth to the eye)
 
 
-@dataclass
 class Worker:
-    index: int
-    engine: object
-    device: str
+    """One engine and the one long-lived thread that runs its generations. Reusing the thread matters on CPU:
+    torch's OpenMP pool belongs to the calling thread, so a fresh thread per request pays for a new pool (tens of
+    ms before the first token) and leaves the old one behind."""
+
+    def __init__(self, index: int, engine, device: str):
+        self.index = index
+        self.engine = engine
+        self.device = device
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name=f"nanochat-worker-{index}", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            self.jobs.get()()
 
 
 class StepRelay:
@@ -122,7 +133,7 @@ class WorkerPool:
 
     def start(self, worker: Worker, prompt_ids: list[int], params: SamplingParams,
               on_step: Callable[[Step], None], on_done: Callable[[Outcome], None]) -> threading.Event:
-        """Generate on `worker` in a new thread; callbacks run on the event loop. Returns the cancel flag."""
+        """Generate on `worker`'s thread; callbacks run on the event loop. Returns the cancel flag."""
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
 
@@ -146,7 +157,7 @@ class WorkerPool:
             except RuntimeError:  # the loop closed under us (server shutdown): nothing is waiting any more
                 pass
 
-        threading.Thread(target=body, name=f"nanochat-worker-{worker.index}", daemon=True).start()
+        worker.jobs.put(body)
         return cancel
 
     def stats(self) -> dict:
