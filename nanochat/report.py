@@ -137,12 +137,32 @@ def git_commit() -> str:
     return commit + (" (dirty)" if dirty else "")
 
 
+def cpu_description() -> str:
+    """`2 × <model name>` from /proc/cpuinfo on Linux, else the CPU count alone."""
+    count = os.cpu_count() or 1
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{count} × {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return str(count)
+
+
+def memory_gb() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        return MISSING
+
+
 def environment() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "Git commit": git_commit(),
         "Platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "CPUs": os.cpu_count(),
+        "CPUs": cpu_description(),
+        "Memory": memory_gb(),
         "GPUs": f"{len(gpus)} × {gpus[0]}" if gpus else "none",
         "Python": platform.python_version(),
         "torch": torch.__version__,
