@@ -171,7 +171,8 @@ impl Tokenizer {
                 })
                 .min();
             let Some((new_id, pair)) = best else { break };
-            merge_in_place(ids, pair, new_id, |_, _| {});
+            let len = merge_in_place(ids, pair, new_id, |_, _| {});
+            ids.truncate(len);
         }
         out.extend_from_slice(ids);
     }
@@ -208,15 +209,16 @@ impl Tokenizer {
     }
 }
 
-/// Replaces every non-overlapping occurrence of `pair` (left to right) with `new_id` in place, reporting
-/// each change to the neighbouring pairs as `(pair, +1 | -1)`. The left neighbour is read from the output
-/// already written, so runs like `a a a` and back-to-back matches update the counts exactly.
+/// Replaces every non-overlapping occurrence of `pair` (left to right) with `new_id` in place and returns
+/// the new length, reporting each change to the neighbouring pairs as `(pair, +1 | -1)`. The left
+/// neighbour is read from the output already written, so runs like `a a a` and back-to-back matches
+/// update the counts exactly.
 pub(crate) fn merge_in_place(
-    ids: &mut Vec<u32>,
+    ids: &mut [u32],
     (a, b): Pair,
     new_id: u32,
     mut delta: impl FnMut(Pair, i64),
-) {
+) -> usize {
     let n = ids.len();
     let (mut read, mut write) = (0, 0);
     while read < n {
@@ -240,7 +242,7 @@ pub(crate) fn merge_in_place(
         }
         write += 1;
     }
-    ids.truncate(write);
+    write
 }
 
 #[cfg(test)]
@@ -269,8 +271,8 @@ mod tests {
     fn merge_in_place_counts_runs_exactly() {
         let mut ids = vec![1, 1, 1, 1, 1];
         let mut net: FxHashMap<Pair, i64> = FxHashMap::default();
-        merge_in_place(&mut ids, (1, 1), 9, |p, d| *net.entry(p).or_default() += d);
-        assert_eq!(ids, vec![9, 9, 1]);
+        let len = merge_in_place(&mut ids, (1, 1), 9, |p, d| *net.entry(p).or_default() += d);
+        assert_eq!(ids[..len], [9, 9, 1]);
         // before: (1,1)x4; after: (9,9)x1, (9,1)x1
         assert_eq!(net[&(1, 1)], -4);
         assert_eq!(net[&(9, 9)], 1);

@@ -112,19 +112,26 @@ impl PartialOrd for Candidate {
 /// Counts never rise after a pair first appears (every pair a merge creates contains the new id), so a
 /// lazily updated max-heap is exact: a popped entry whose count is stale is re-pushed with the true count.
 pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
-    let mut words: Vec<Vec<u32>> = Vec::with_capacity(counts.len());
-    let mut weights: Vec<i64> = Vec::with_capacity(counts.len());
+    // All chunks' ids back to back (one allocation, visited in order), each shrinking in place as merges
+    // apply; spans say where each chunk lives. Single-byte chunks hold no pair and are left out.
+    let mut ids: Vec<u32> = Vec::new();
+    let mut spans: Vec<Span> = Vec::with_capacity(counts.len());
     for (chunk, n) in counts.iter() {
         if chunk.len() >= 2 {
-            words.push(chunk.bytes().map(u32::from).collect());
-            weights.push(n as i64);
+            spans.push(Span {
+                start: ids.len(),
+                len: chunk.len(),
+                weight: n as i64,
+            });
+            ids.extend(chunk.bytes().map(u32::from));
         }
     }
 
     let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut occurs_in: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
-    for (w, (ids, &weight)) in words.iter().zip(&weights).enumerate() {
-        for pair in ids.windows(2).map(|p| (p[0], p[1])) {
+    for (w, span) in spans.iter().enumerate() {
+        let weight = span.weight;
+        for pair in ids[span.range()].windows(2).map(|p| (p[0], p[1])) {
             *pair_counts.entry(pair).or_default() += weight;
             let list = occurs_in.entry(pair).or_default();
             if list.last() != Some(&(w as u32)) {
@@ -138,7 +145,10 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
         .collect();
 
     let mut merges = Vec::with_capacity(num_merges);
-    let mut created: Vec<Pair> = Vec::new();
+    let vocab_size = NUM_BYTE_TOKENS as usize + num_merges;
+    // The pairs a merge creates all contain its new id, as (x, new) or (new, y): tally them in arrays
+    // indexed by x and y instead of hashing each occurrence, and publish them once the merge is done.
+    let (mut with_left, mut with_right) = (NewPairs::new(vocab_size), NewPairs::new(vocab_size));
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
         let count = pair_counts.get(&top.pair).copied().unwrap_or(0);
@@ -156,30 +166,98 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
         merges.push(top.pair);
         pair_counts.remove(&top.pair);
         for w in occurs_in.remove(&top.pair).unwrap_or_default() {
-            let weight = weights[w as usize];
-            merge_in_place(&mut words[w as usize], top.pair, new_id, |pair, delta| {
-                if pair == top.pair {
-                    return;
+            let span = &mut spans[w as usize];
+            let weight = span.weight;
+            span.len = merge_in_place(&mut ids[span.range()], top.pair, new_id, |(x, y), delta| {
+                if y == new_id {
+                    with_left.add(x, delta * weight, w);
+                } else if x == new_id {
+                    with_right.add(y, delta * weight, w);
+                } else if (x, y) != top.pair {
+                    *pair_counts
+                        .get_mut(&(x, y))
+                        .expect("a pair being removed was counted") += delta * weight;
                 }
-                let count = pair_counts.entry(pair).or_default();
-                if delta > 0 {
-                    if *count == 0 {
-                        created.push(pair);
-                    }
-                    let list = occurs_in.entry(pair).or_default();
-                    if list.last() != Some(&w) {
-                        list.push(w);
-                    }
-                }
-                *count += delta * weight;
             });
         }
-        for pair in created.drain(..) {
-            heap.push(Candidate {
-                count: pair_counts[&pair],
-                pair,
-            });
+        let created = with_left
+            .drain()
+            .map(|(x, count, list)| ((x, new_id), count, list))
+            .chain(
+                with_right
+                    .drain()
+                    .map(|(y, count, list)| ((new_id, y), count, list)),
+            );
+        for (pair, count, list) in created {
+            if count > 0 {
+                pair_counts.insert(pair, count);
+                occurs_in.insert(pair, list);
+                heap.push(Candidate { count, pair });
+            }
         }
     }
     merges
+}
+
+/// Where one distinct chunk's ids live in the shared buffer, and how often the chunk occurred.
+struct Span {
+    start: usize,
+    len: usize,
+    weight: i64,
+}
+
+impl Span {
+    fn range(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+/// Counts and chunk lists of the pairs one merge creates, indexed by the token beside the new id.
+struct NewPairs {
+    counts: Vec<i64>,
+    words: Vec<Vec<u32>>,
+    touched: Vec<u32>,
+}
+
+impl NewPairs {
+    fn new(vocab_size: usize) -> Self {
+        NewPairs {
+            counts: vec![0; vocab_size],
+            words: vec![Vec::new(); vocab_size],
+            touched: Vec::new(),
+        }
+    }
+
+    /// A chunk's first change to a new pair is always an addition (its removals follow an addition in
+    /// the same chunk), so an empty chunk list marks a pair not seen yet in this merge.
+    fn add(&mut self, other: u32, delta: i64, word: u32) {
+        let i = other as usize;
+        if delta > 0 {
+            let list = &mut self.words[i];
+            if list.is_empty() {
+                self.touched.push(other);
+            }
+            if list.last() != Some(&word) {
+                list.push(word);
+            }
+        }
+        self.counts[i] += delta;
+    }
+
+    /// Every pair touched since the last drain as (other token, count, chunk list), leaving all empty.
+    fn drain(&mut self) -> impl Iterator<Item = (u32, i64, Vec<u32>)> + '_ {
+        let NewPairs {
+            counts,
+            words,
+            touched,
+        } = self;
+        touched.drain(..).map(move |other| {
+            let i = other as usize;
+            (
+                other,
+                std::mem::take(&mut counts[i]),
+                std::mem::take(&mut words[i]),
+            )
+        })
+    }
 }
