@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanochat.common import UserError
 from tasks.common import Task
 
 IGNORE = -1
@@ -50,13 +51,12 @@ class ChatBatches:
     def __init__(self, tokenizer, task: Task, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1):
         if len(task) == 0:
-            raise ValueError("the conversation task is empty")
+            raise UserError("the conversation mixture is empty; check the data and the task sizes")
         self.tokenizer, self.task = tokenizer, task
         self.batch_size, self.seq_len = batch_size, seq_len
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        self.position = 0  # this rank's next conversation
+        self.position = 0  # conversations this rank has taken (rendered) so far
         self.overlong = 0
-        self.conversations = 0
 
     def task_index(self, position: int) -> int:
         return (position * self.world_size + self.rank) % len(self.task)
@@ -66,16 +66,14 @@ class ChatBatches:
         """Fraction of passes over the task consumed so far (all ranks together)."""
         return self.position * self.world_size / len(self.task)
 
-    def render_position(self, position: int) -> tuple[list[int], list[int]]:
-        ids, mask, cropped = render(self.tokenizer, self.task[self.task_index(position)], self.seq_len + 1)
-        return ids, mask, cropped
+    def render_position(self, position: int) -> tuple[list[int], list[int], bool]:
+        return render(self.tokenizer, self.task[self.task_index(position)], self.seq_len + 1)
 
     def take(self) -> tuple[int, list[int], list[int]]:
-        """Render this rank's next conversation; counts it (and whether it was cropped)."""
+        """Render this rank's next conversation, counting it as overlong when it had to be cropped."""
         position = self.position
         ids, mask, cropped = self.render_position(position)
         self.position += 1
-        self.conversations += 1
         self.overlong += int(cropped)
         return position, ids, mask
 
@@ -89,11 +87,10 @@ class ChatBatches:
         return self
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "overlong": self.overlong, "conversations": self.conversations}
+        return {"position": self.position, "overlong": self.overlong}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.overlong = state["position"], state["overlong"]
-        self.conversations = state["conversations"]
 
 
 class PaddedChatBatches(ChatBatches):
@@ -156,6 +153,14 @@ def estimate_packed_rows(tokenizer, task: Task, seq_len: int, sample_size: int =
         indices = random.Random(seed).sample(indices, sample_size)
     tokens = sum(len(render(tokenizer, task[i], seq_len + 1)[0]) for i in indices)
     return max(1, math.ceil(tokens * len(task) / len(indices) / (seq_len + 1)))
+
+
+def loader_totals(batches: ChatBatches) -> dict[str, int]:
+    """Conversations taken and cropped so far, summed over ranks (each rank counts only its own)."""
+    counts = torch.tensor([batches.position, batches.overlong], dtype=torch.float64, device=batches.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return {"conversations": int(counts[0].item()), "overlong": int(counts[1].item())}
 
 
 @torch.no_grad()

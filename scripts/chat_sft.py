@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_data import PaddedChatBatches, evaluate_chat_loss
+from nanochat.chat_data import PaddedChatBatches, evaluate_chat_loss, loader_totals
 from nanochat.chat_eval import GenerationSettings, run_generative
 from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, examples_accum_steps, resolve_chat_data,
                                  stage_optimizers, start_stage)
@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> None:
                    evals=[Eval("val", flags.eval_every, val_loss), Eval("chat", flags.chat_eval_every, accuracies)],
                    meta={"source": flags.source, "source_step": stage.source_meta["step"]},
                    flops_per_token=model.estimate_flops(seq_len))
-    state = batches.state_dict()
-    print0(f"chat_sft: {result.step} steps, {state['conversations']:,} conversations ({batches.epoch:.2f} epochs), "
-           f"{state['overlong']:,} cropped to {seq_len + 1} tokens; checkpoint {result.checkpoint}")
+    totals = loader_totals(batches)
+    print0(f"chat_sft: {result.step} steps, {totals['conversations']:,} conversations ({batches.epoch:.2f} epochs), "
+           f"{totals['overlong']:,} cropped to {seq_len + 1} tokens; checkpoint {result.checkpoint}")
     report.log_section("Chat SFT", [{
         "source": f"{flags.source}/{stage.tag} step {stage.source_meta['step']}", "chat data": chat_data,
         "steps": result.step, "conversations per step": flags.target_examples_per_step,
         "train conversations": len(train_task), "epochs done": round(batches.epoch, 3),
-        "overlong cropped": state["overlong"], **result.metrics,
+        "overlong cropped": totals["overlong"], **result.metrics,
     }], source="sft", wall_time_s=time.time() - started)
     cleanup_distributed()
 

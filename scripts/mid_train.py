@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_data import PackedChatBatches, estimate_packed_rows, evaluate_chat_loss
+from nanochat.chat_data import PackedChatBatches, estimate_packed_rows, evaluate_chat_loss, loader_totals
 from nanochat.chat_stage import ChatTrainFlags, chat_mixture, resolve_chat_data, stage_optimizers, start_stage
 from nanochat.common import cleanup_distributed, print0
 from nanochat.flags import FlagError, flag, parse_flags, run_main
@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> None:
                    grad_accum_steps=accum, evals=[Eval("val", flags.eval_every, val_loss)],
                    meta={"source": flags.source, "source_step": stage.source_meta["step"]},
                    flops_per_token=model.estimate_flops(seq_len))
-    state = batches.state_dict()
-    print0(f"mid_train: {result.step} steps, {state['conversations']:,} conversations "
-           f"({batches.epoch:.2f} epochs), {state['overlong']:,} cropped to {seq_len + 1} tokens; "
+    totals = loader_totals(batches)
+    print0(f"mid_train: {result.step} steps, {totals['conversations']:,} conversations "
+           f"({batches.epoch:.2f} epochs), {totals['overlong']:,} cropped to {seq_len + 1} tokens; "
            f"checkpoint {result.checkpoint}")
     report.log_section("Midtraining", [{
         "source": f"{flags.source}/{stage.tag} step {stage.source_meta['step']}", "chat data": chat_data,
         "steps": result.step, "rows per step": rows_per_step, "tokens per row": seq_len + 1,
         "train conversations": len(train_task), "epochs done": round(batches.epoch, 3),
-        "overlong cropped": state["overlong"], "val loss": result.metrics.get("val_loss"),
+        "overlong cropped": totals["overlong"], "val loss": result.metrics.get("val_loss"),
     }], source="mid", wall_time_s=time.time() - started)
     cleanup_distributed()
 
