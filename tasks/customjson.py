@@ -77,7 +77,7 @@ def read_conversations(path: Path | str) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{line_number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                    raise UserError(f"{path}:{line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 problem = conversation_problem(row)
                 if problem:
                     raise UserError(f"{path}:{line_number}: {problem}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.chat_data import (IGNORE, PackedChatBatches, PaddedChatBatches, estimate_packed_rows,
-                                evaluate_chat_loss)
+from nanochat.chat_data import IGNORE, PackedChatBatches, PaddedChatBatches, estimate_packed_rows, evaluate_chat_loss
 from nanochat.checkpoint import create_model
 from nanochat.gpt import GPTConfig
 from tasks.customjson import CustomJSON

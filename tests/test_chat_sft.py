@@ -7,8 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.chat_eval import GenerationSettings, run_generative
-from nanochat.checkpoint import checkpoint_dir, load_checkpoint
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.flags import FlagError
 from nanochat.tokenizer import Tokenizer

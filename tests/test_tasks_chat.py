@@ -18,7 +18,6 @@ from tasks.identity import Identity
 from tasks.smoltalk import SMOLTALK_REPO, SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee, split_words, words_from_texts
 from tasks.tooluse import answers_match, extract_answer, tool_parts
-from tests.chat_fixtures import write_jsonl
 
 WORDS = ["apple", "banana", "cherry", "strawberry", "grape", "melon", "lemon", "peach", "plum", "kiwi", "mango",
          "orange", "papaya", "quince", "raisin", "tomato", "walnut", "almond", "carrot", "pepper"]
