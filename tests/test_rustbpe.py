@@ -14,7 +14,6 @@ import regex
 import rustbpe
 import tiktoken
 
-SHARD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pretrain", "shard_00000.parquet")
 
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
@@ -28,9 +27,15 @@ TRICKY_TEXTS = [
 ]
 
 
-def shard_texts(num_docs: int) -> list[str]:
-    table = pq.ParquetFile(SHARD).read_row_group(0, columns=["text"])
-    return table.column("text").to_pylist()[:num_docs]
+@pytest.fixture(scope="module")
+def shard(shared_data):
+    return shared_data / "pretrain" / "shard_00000.parquet"
+
+
+@pytest.fixture(scope="module")
+def real_texts(shard) -> list[str]:
+    """The first row group (1024 documents) of a real pretraining shard."""
+    return pq.ParquetFile(shard).read_row_group(0, columns=["text"]).column("text").to_pylist()
 
 
 def reference_merges(texts: list[str], vocab_size: int, pattern: str) -> list[tuple[int, int]]:
@@ -88,8 +93,8 @@ def test_merges_equal_pure_python_reference(texts, vocab_size):
     assert tok.vocab_size == 256 + len(expected)
 
 
-def test_merges_equal_reference_on_real_text_with_gpt4_pattern():
-    texts = shard_texts(12)
+def test_merges_equal_reference_on_real_text_with_gpt4_pattern(real_texts):
+    texts = real_texts[:12]
     tok = trained(texts, 400, pattern=GPT4_PATTERN)
     assert tok.get_pattern() == GPT4_PATTERN
     tokens = [token for token, _ in tok.get_mergeable_ranks()]
@@ -107,15 +112,15 @@ def test_ranks_layout_and_default_pattern():
     assert [token for token, _ in ranks[:256]] == [bytes([b]) for b in range(256)]
 
 
-def test_small_buffers_stream_to_the_same_merges():
-    texts = shard_texts(40)
+def test_small_buffers_stream_to_the_same_merges(real_texts):
+    texts = real_texts[:40]
     whole = trained(texts, 600)
     streamed = trained((t for t in texts), 600, buffer_size=3)
     assert whole.get_mergeable_ranks() == streamed.get_mergeable_ranks()
 
 
-def test_encode_decode_round_trip_and_match_tiktoken():
-    texts = shard_texts(60)
+def test_encode_decode_round_trip_and_match_tiktoken(real_texts):
+    texts = real_texts[:60]
     tok = trained(texts[:40], 1000)
     enc = tiktoken.Encoding("test", pat_str=tok.get_pattern(),
                             mergeable_ranks=dict(tok.get_mergeable_ranks()), special_tokens={})
@@ -207,14 +212,13 @@ for token, rank in tok.get_mergeable_ranks():
 
 
 @pytest.mark.slow
-def test_merges_equal_the_reference_package_on_a_real_shard(reference_package, tmp_path):
+def test_merges_equal_the_reference_package_on_a_real_shard(reference_package, shard, real_texts, tmp_path):
     # The reference's module is also called rustbpe, so it runs in its own interpreter.
     vocab_size = 4096
-    result = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT, SHARD, str(vocab_size), rustbpe.DEFAULT_PATTERN],
+    result = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT, str(shard), str(vocab_size), rustbpe.DEFAULT_PATTERN],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(reference_package)})
     assert result.returncode == 0, result.stderr[-2000:]
-    texts = pq.ParquetFile(SHARD).read_row_group(0, columns=["text"]).column("text").to_pylist()
-    ours = trained(texts, vocab_size)
+    ours = trained(real_texts, vocab_size)
     ours_lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ours.get_mergeable_ranks()]
     assert result.stdout.splitlines() == ours_lines

@@ -1,7 +1,6 @@
 """nanochat.tokenizer: training, tiktoken-format save/load, ordinary encoding, chat rendering, token bytes."""
 from __future__ import annotations
 
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,13 +9,13 @@ import tiktoken.load
 from nanochat.common import UserError
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
-SHARD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pretrain", "shard_00000.parquet")
 VOCAB_SIZE = 512
 
 
 @pytest.fixture(scope="module")
-def texts() -> list[str]:
-    return pq.ParquetFile(SHARD).read_row_group(0, columns=["text"]).column("text").to_pylist()[:40]
+def texts(shared_data) -> list[str]:
+    shard = shared_data / "pretrain" / "shard_00000.parquet"
+    return pq.ParquetFile(shard).read_row_group(0, columns=["text"]).column("text").to_pylist()[:40]
 
 
 @pytest.fixture(scope="module")
