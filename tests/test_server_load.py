@@ -162,3 +162,32 @@ def test_bad_flags_name_the_fix():
         main(["--num_gpus", "0"])
     with pytest.raises(FlagError, match="--port must be 0..65535"):
         main(["--port", "70000"])
+
+
+def test_queued_client_that_leaves_frees_its_place(server):
+    held = [HeldStream(server) for _ in range(WORKERS)]
+    wait_for(server, lambda s: s["workers_busy"] == WORKERS)
+    try:
+        queued = HeldStream(server)
+        wait_for(server, lambda s: s["queue_length"] == 1)
+        queued.release.set()
+        outcome = []
+
+        def give_up_while_queued() -> None:
+            try:
+                httpx.post(f"{server.url}/v1/completions", json=completion(5, False), timeout=2.0)
+            except httpx.ReadTimeout as exc:
+                outcome.append(exc)
+
+        impatient = threading.Thread(target=give_up_while_queued)
+        impatient.start()
+        wait_for(server, lambda s: s["queue_length"] == 2)
+        impatient.join(timeout=10)
+        assert outcome, "the impatient request should have timed out while queued"
+        wait_for(server, lambda s: s["queue_length"] == 1)
+    finally:
+        for stream in held:
+            stream.close()
+    queued.close()
+    after = wait_for(server, lambda s: s["workers_busy"] == 0 and s["queue_length"] == 0)
+    assert after["workers_free"] == WORKERS

@@ -4,7 +4,7 @@ FastAPI app (API + the browser UI in nanochat/ui), `load_workers(...)` turns a c
     app.py         routes, API key, CORS, health/models/stats, conversation log
     schemas.py     request models and their limits (400s come from here)
     errors.py      OpenAI's {"error": {...}} shape for every failure
-    requests.py    one request: worker, disconnect watch, SSE chunks or a whole response
+    completions.py one request: worker, disconnect watch, SSE chunks or a whole response
     workers.py     the worker pool, the bounded queue (429) and /stats counters
     generation.py  the engine loop in a worker thread, cancellable per step
     loading.py     checkpoint -> workers (one replica per GPU)

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from nanochat.server.errors import APIError, install_error_handlers
 from nanochat.server.generation import Outcome, SamplingParams
-from nanochat.server.requests import SSE_HEADERS, Generation, Shape, collect, stream
+from nanochat.server.completions import SSE_HEADERS, Generation, Shape, collect, stream
 from nanochat.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from nanochat.server.workers import Worker, WorkerPool
 
