@@ -105,3 +105,24 @@ def test_mid_sft_rl_chain_on_shared_data(base_dir, shared_data):
     sections = {p.stem for p in (base_dir / "report").glob("*.json")}
     assert {"midtraining", "chat-sft", "chat-rl"} <= sections
     assert json.loads((base_dir / "report" / "chat-rl.json").read_text())
+
+
+def test_gsm8k_task_for_rl_uses_train_split_and_scores_the_final_answer(base_dir, shared_data):
+    """GSM8K train comes from chat_data/ (a few real rows stand in for the fetched split), val from eval_data/."""
+    import gzip
+
+    from nanochat.flags import parse_flags
+
+    rows = gzip.open(shared_data / "eval" / "gsm8k.jsonl.gz", "rt", encoding="utf-8").readlines()[:6]
+    for directory, name in (("chat_data", "gsm8k_train"), ("eval_data", "gsm8k")):
+        (base_dir / directory).mkdir(exist_ok=True)
+        with gzip.open(base_dir / directory / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
+            handle.writelines(rows)
+    flags = parse_flags(chat_rl.RLFlags, ["--train_examples", "4"])
+    train, val = chat_rl.rl_task(flags, "train"), chat_rl.rl_task(flags, "val")
+    assert len(train) == 4 and len(val) == 6
+    example = train[0]
+    parts = example["messages"][-1]["content"]
+    assert {"type": "python", "text": "16-3-4"} in parts
+    assert train.evaluate(example, "She makes 9 * 2 = 18 dollars.\n#### 18")
+    assert not train.evaluate(example, "#### 17")
