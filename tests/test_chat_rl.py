@@ -113,7 +113,8 @@ def test_gsm8k_task_for_rl_uses_train_split_and_scores_the_final_answer(base_dir
 
     from nanochat.flags import parse_flags
 
-    rows = gzip.open(shared_data / "eval" / "gsm8k.jsonl.gz", "rt", encoding="utf-8").readlines()[:6]
+    with gzip.open(shared_data / "eval" / "gsm8k.jsonl.gz", "rt", encoding="utf-8") as handle:
+        rows = handle.readlines()[:6]
     for directory, name in (("chat_data", "gsm8k_train"), ("eval_data", "gsm8k")):
         (base_dir / directory).mkdir(exist_ok=True)
         with gzip.open(base_dir / directory / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
