@@ -6,6 +6,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -170,6 +172,28 @@ def test_failed_training_keeps_the_previous_vocabulary():
     with pytest.raises(Boom):
         tok.train_from_iterator(exploding(), 300)
     assert tok.get_mergeable_ranks() == before
+
+
+def test_encoding_releases_the_gil(real_texts):
+    tok = trained(real_texts[:50], 600)
+    window = {}
+
+    def encode_all():
+        window["start"] = time.perf_counter()
+        tok.batch_encode(real_texts)
+        window["end"] = time.perf_counter()
+
+    worker = threading.Thread(target=encode_all)
+    ticks = []
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    worker.join()
+    start, end = window["start"], window["end"]
+    middle = [t for t in ticks if start + 0.25 * (end - start) < t < end - 0.25 * (end - start)]
+    # Holding the GIL through the call would freeze this thread for the whole window.
+    assert end - start > 0.05 and len(middle) >= 5, (end - start, len(middle))
 
 
 def _encode_in_child(queue):
