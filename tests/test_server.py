@@ -161,6 +161,8 @@ INVALID_CHAT = [
     (chat(messages=[]), "messages"),
     (chat(messages=HI * 2 + [{"role": "assistant", "content": "a"}] * 255), "messages"),
     (chat(messages=[{"role": "user", "content": LONG_TEXT}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": "y" * 60_000}, {"role": "assistant", "content": "y" * 60_000}] * 2
+          + [{"role": "user", "content": "y" * 60_000}]), "messages"),
     (chat(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
     (chat(messages=HI + [{"role": "assistant", "content": "a"}]), "messages"),
     (chat(messages=HI + HI), "messages"),
@@ -190,6 +192,7 @@ def test_chat_validation(chat_server, body, param):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert error["message"] and "Traceback" not in error["message"]
+    assert error["code"] is None  # a validation error, not a context overflow
 
 
 @pytest.mark.parametrize("body,param", [({"prompt": ""}, "prompt"), ({"max_tokens": 3}, "prompt"),

@@ -6,6 +6,7 @@ Nothing is loaded at import time.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -99,8 +100,8 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Generation threads hold the GIL between torch ops; CPython's default 5 ms switch interval then makes
-        # every await of the event loop wait, and /health takes hundreds of ms while workers are busy.
+        # Generation threads hold the GIL between torch ops, and a waiting thread gets it only after the switch
+        # interval (5 ms by default): the event loop would pay that on every await while workers are busy.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         threading.Thread(target=load_in_background, name="nanochat-load", daemon=True).start()
@@ -193,14 +194,15 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model, _ = ready()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = model.tokenizer.render_for_completion({"messages": messages})
+        # off the event loop: a long conversation takes a while to tokenize
+        prompt_ids = await asyncio.to_thread(model.tokenizer.render_for_completion, {"messages": messages})
         return await serve(request, body, prompt_ids, chat=True, logged={"messages": messages})
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)], summary="raw text completion (base models)")
     async def completions(body: CompletionRequest, request: Request):
         model, _ = ready()
         tokenizer = model.tokenizer
-        prompt_ids = tokenizer.encode(body.prompt, prepend=tokenizer.bos_token_id)
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, prepend=tokenizer.bos_token_id)
         return await serve(request, body, prompt_ids, chat=False, logged={"prompt": body.prompt})
 
     return app

@@ -83,6 +83,9 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("messages")
     @classmethod
     def check_turns(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        total = sum(len(m.text()) for m in messages)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}")
         turns = messages[1:] if messages[0].role == "system" else messages
         if any(m.role == "system" for m in turns):
             raise ValueError("a system message may only come first")
