@@ -63,6 +63,7 @@ def test_mid_train_bad_batch_arithmetic_suggests_values(mid_base):
         main(mid_base[:-6] + ["--total_batch_size", "100", "--chat_examples", "10"])
 
 
+@pytest.mark.slow
 def test_mid_train_bad_identity_file_is_one_line(mid_base, base_dir):
     good = [{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]
     bad = write_jsonl(base_dir / "identity.jsonl", [good, [{"role": "user", "content": "no reply"}]])
