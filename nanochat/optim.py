@@ -64,17 +64,23 @@ class Muon(torch.optim.Optimizer):
         frac = min(group["step"] / group["momentum_warmup_steps"], 1.0) if group["momentum_warmup_steps"] else 1.0
         return (1 - frac) * group["momentum_start"] + frac * group["momentum"]
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, momentum: float) -> None:
+    def direction(self, p: torch.Tensor, grad: torch.Tensor, group: dict, momentum: float) -> torch.Tensor:
+        """Advance p's momentum buffer with grad and return the (Nesterov) direction to orthogonalise."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1 - momentum)
-        direction = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        update = orthogonalize(direction, group["ns_steps"])
+        return grad.lerp(buf, momentum) if group["nesterov"] else buf
+
+    @staticmethod
+    def apply(params: list[torch.Tensor], directions: torch.Tensor, group: dict) -> None:
+        """Orthogonalise a stack of same-shape directions in one batched call and step each parameter."""
+        updates = orthogonalize(directions, group["ns_steps"])
         # orthogonal updates have unit singular values; tall matrices get a larger step so per-element RMS matches
-        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+        for p, update in zip(params, updates):
+            p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,9 +88,10 @@ class Muon(torch.optim.Optimizer):
         if world == 1:
             for group in self.param_groups:
                 momentum = self.current_momentum(group)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self.update(p, p.grad, group, momentum)
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    directions = torch.stack([self.direction(p, p.grad, group, momentum) for p in params])
+                    self.apply(params, directions, group)
                 group["step"] += 1
             return None
         self.distributed_step(world, dist.get_rank())
@@ -105,7 +112,9 @@ class Muon(torch.optim.Optimizer):
         for group, chunk, owned_grad, work in pending:
             work.wait()
             if rank < len(chunk):
-                self.update(chunk[rank], owned_grad.div_(world), group, self.current_momentum(group))
+                mine = chunk[rank]
+                direction = self.direction(mine, owned_grad.div_(world), group, self.current_momentum(group))
+                self.apply([mine], direction[None], group)
             outputs = chunk + [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]
             source = chunk[rank] if rank < len(chunk) else outputs[rank]
             gathers.append(dist.all_gather(outputs, source.clone(), async_op=True))
