@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(device_type, flags.dtype)
     settings = ServerSettings(api_key=flags.api_key or os.environ.get(API_KEY_ENV) or None,
                               cors_origins=flags.cors_origins, max_queue=flags.max_queue,
-                              default_max_tokens=flags.max_tokens, log_dir=Path(flags.log_dir) if flags.log_dir else None)
+                              default_max_tokens=flags.max_tokens,
+                              log_dir=Path(flags.log_dir) if flags.log_dir else None)
     load_errors: list[BaseException] = []
     server: uvicorn.Server | None = None
 

@@ -118,7 +118,8 @@ def test_raw_completions_stream_and_not(client, tokenizer):
 def test_stop_string_cuts_the_reply(client):
     params = dict(model="nanochat", messages=HI, max_tokens=24, temperature=0)
     full = client.chat.completions.create(**params).choices[0].message.content
-    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2)
+                if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
     cut = client.chat.completions.create(**params, stop=[stop]).choices[0]
     assert cut.message.content == full[:full.index(stop)]
     assert cut.finish_reason == "stop"

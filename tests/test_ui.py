@@ -182,7 +182,8 @@ def test_copy_puts_the_message_on_the_clipboard(page, server):
     button = page.find_element(By.CSS_SELECTOR, ".message.assistant .copy")
     button.click()
     wait(page, lambda d: button.text == "Copied")
-    clipboard = page.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e));")
+    clipboard = page.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0]('ERR ' + e));")
     assert clipboard == LONG_WORD * 12
 
 
@@ -239,7 +240,8 @@ def test_sse_parser_handles_split_lines_and_utf8(page):
     result = page.execute_async_script("""
         const done = arguments[0];
         import('/ui/sse.js').then(({ createSSEParser }) => {
-          const text = 'data: {"t": "é€😀"}\\r\\n\\r\\n: keep-alive\\n\\ndata: line1\\ndata: line2\\n\\ndata: [DONE]\\n\\n';
+          const text = 'data: {"t": "é€😀"}\\r\\n\\r\\n: keep-alive\\n\\n' +
+                       'data: line1\\ndata: line2\\n\\ndata: [DONE]\\n\\n';
           const bytes = new TextEncoder().encode(text);
           const outcomes = new Set();
           for (let cut = 0; cut <= bytes.length; cut++) {

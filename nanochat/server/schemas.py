@@ -91,10 +91,11 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("a system message may only come first")
         if not turns:
             raise ValueError("add a user message after the system message")
+        offset = len(messages) - len(turns)
         for i, message in enumerate(turns):
             expected = "user" if i % 2 == 0 else "assistant"
             if message.role != expected:
-                raise ValueError(f"turns must alternate user, assistant, user, ...; message {i + len(messages) - len(turns)} "
+                raise ValueError(f"turns must alternate user, assistant, user, ...; message {i + offset} "
                                  f"is {message.role!r} where {expected!r} was expected")
         if turns[-1].role != "user":
             raise ValueError("the last message must be from the user")
