@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(flags.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {flags.steps} timed steps", flush=True)
     if flags.reference:
-        config = model_config(ModelFlags(depth=flags.depth, max_seq_len=flags.max_seq_len), flags.reference_vocab)
+        # the original's shape rule: width 64·depth, ceil(width / 128) heads sharing the width evenly
+        dim = 64 * flags.depth
+        heads = -(-dim // 128)
+        config = model_config(ModelFlags(depth=flags.depth, model_dim=dim, head_dim=dim // heads,
+                                         max_seq_len=flags.max_seq_len), flags.reference_vocab)
         reference = reference_tok_per_s(Path(flags.reference).expanduser(), flags)
         ours = ours_tok_per_s(config, flags.device_batch_size, flags.steps)
         report("vs reference", config, flags.device_batch_size, ours, reference, "reference nanochat")
