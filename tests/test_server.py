@@ -336,3 +336,11 @@ def test_long_model_writes_its_word(server_root):
     with serve_checkpoint(server_root, "base") as server:
         reply = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, "temperature": 0}).json()
         assert reply["choices"][0]["text"] == LONG_WORD * 5
+
+
+def test_tool_calls_render_as_code_blocks(tokenizer):
+    special = tokenizer.encode_special
+    ids = ([special("<|python_start|>")] + tokenizer.encode("6*7") + [special("<|python_end|>"),
+           special("<|output_start|>")] + tokenizer.encode("42") + [special("<|output_end|>")]
+           + tokenizer.encode(" so 42") + [special("<|user_start|>")])
+    assert ReplyText(tokenizer).decode(ids) == "\n```python\n6*7\n```\n\n```output\n42\n```\n so 42"

@@ -232,6 +232,7 @@ def test_model_output_renders_as_text_never_html(page):
     links = reply.find_elements(By.TAG_NAME, "a")
     assert [a.get_attribute("href") for a in links] == ["https://example.com/"]
     assert reply.find_element(By.CSS_SELECTOR, "pre.code-block code").text == "<script>window.__xss = 4</script>"
+    assert reply.find_element(By.CSS_SELECTOR, "pre.code-block .copy-code").text == "Copy"
     assert page.find_element(By.CSS_SELECTOR, ".message.user .content").text == "<i>not italic</i>"
     screenshot(page, "ui-markdown-light.png")
 
@@ -303,3 +304,22 @@ def test_phone_width_and_dark_theme(page):
     page.refresh()
     wait(page, lambda d: len(messages(d)) == 2)
     screenshot(page, "ui-desktop-light.png")
+
+
+def test_settings_dialog_saves_and_validates(page):
+    page.find_element(By.ID, "open-settings").click()
+    dialog = page.find_element(By.ID, "settings")
+    assert dialog.is_displayed()
+    temperature = page.find_element(By.ID, "set-temperature")
+    temperature.clear()
+    temperature.send_keys("5")
+    page.find_element(By.ID, "settings-save").click()
+    assert dialog.is_displayed(), "an out-of-range temperature must keep the dialog open"
+    temperature.clear()
+    temperature.send_keys("0.5")
+    page.find_element(By.ID, "set-system").send_keys("Answer briefly.")
+    screenshot(page, "ui-settings-light.png")
+    page.find_element(By.ID, "settings-save").click()
+    wait(page, lambda d: not dialog.is_displayed())
+    saved = json.loads(page.execute_script("return localStorage.getItem('nanochat.settings')"))
+    assert saved["temperature"] == 0.5 and saved["system_prompt"] == "Answer briefly."

@@ -108,7 +108,8 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
         yield
         sys.setswitchinterval(switch_interval)
 
-    app = FastAPI(title="nanochat", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI builds them from a CDN, and this server must work offline (/openapi.json stays)
+    app = FastAPI(title="nanochat", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat and completion API for a nanochat checkpoint")
     install_error_handlers(app)
     if settings.cors_origins:

@@ -157,10 +157,25 @@ function newChat() {
 // ---------------------------------------------------------------------------------------------------------
 // Messages
 
+function addCodeCopyButtons(root) {
+  for (const pre of root.querySelectorAll("pre.code-block")) {
+    const copy = button("Copy", "copy-code", "Copy this code", async () => {
+      await copyText(pre.querySelector("code").textContent);
+      copy.textContent = "Copied";
+      setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+    });
+    pre.prepend(copy);
+  }
+}
+
 function renderContent(target, message, conversation) {
   target.replaceChildren();
-  if (message.role === "assistant" && conversation.mode === "chat") target.append(renderMarkdown(message.content));
-  else target.textContent = message.content;
+  if (message.role === "assistant" && conversation.mode === "chat") {
+    target.append(renderMarkdown(message.content));
+    addCodeCopyButtons(target);
+  } else {
+    target.textContent = message.content;
+  }
   if (message.role === "assistant" && !message.content && !message.error && !message.stopped) {
     target.append(Object.assign(document.createElement("span"), { className: "typing", textContent: "…" }));
   }
