@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, barrier, get_base_dir, get_rank, print0
-from nanochat.download import fsync_dir
+from nanochat.common import UserError, barrier, fsync_dir, get_base_dir, get_rank, print0
 from nanochat.gpt import GPT, GPTConfig
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",

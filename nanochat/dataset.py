@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import UserError, get_base_dir
-from nanochat.download import download_file, fsync_dir, hub_file_url, temp_path_for, validate_parquet
+from nanochat.common import UserError, atomic_path, get_base_dir
+from nanochat.download import download_file, hub_file_url, validate_parquet
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 
 MAKE_SHARDS_HINT = ("make shards with `python -m nanochat.dataset -n 8` (download), "
@@ -263,17 +263,9 @@ def prepare_output_dir(directory: Path, overwrite: bool) -> None:
 
 
 def write_shard(texts: list[str], path: Path) -> Path:
-    """Atomic parquet write: temp file, fsync, rename."""
-    tmp = temp_path_for(path)
-    try:
-        table = pa.table({"text": pa.array(texts, type=pa.string())})
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd")
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
     return path
 
 

