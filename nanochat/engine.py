@@ -347,3 +347,21 @@ def assistant_parts(tokenizer, tokens: list[int]) -> list[dict]:
             current.append(token)
     close_part()
     return parts
+
+
+# Fixed prompts for a quick look at what a base model has learned (base_train's samples, base_loss's report).
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+def greedy_samples(model, tokenizer, max_tokens: int = 16, prompts: list[str] = SAMPLE_PROMPTS) -> list[str]:
+    """Each prompt followed by its greedy continuation; a tiny context crops the prompt from the left."""
+    engine = Engine(model, tokenizer)
+    max_tokens = min(max_tokens, model.config.max_seq_len // 2)
+    samples = []
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)[-(model.config.max_seq_len - max_tokens):]
+        results, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
+        samples.append(prompt + tokenizer.decode(results[0][len(tokens):]))
+    return samples

@@ -12,14 +12,9 @@ from nanochat import report
 from nanochat.checkpoint import load_model
 from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.dataloader import PretrainLoader
-from nanochat.engine import Engine
+from nanochat.engine import greedy_samples
 from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
 from nanochat.loss_eval import evaluate_bpb
-
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then "
-                  "tomorrow will be", "The opposite of hot is", "The planets of the solar system are:",
-                  "My favorite color is", "If 5*x + 3 = 13, then x is"]
-
 
 @dataclass
 class BaseLossFlags(RuntimeFlags):
@@ -62,12 +57,9 @@ def main(argv: list[str] | None = None) -> None:
 
     samples = []
     if dist.is_master and flags.sample_tokens > 0:
-        engine = Engine(model, tokenizer)
-        for prompt in SAMPLE_PROMPTS:
-            tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-            results, _ = engine.generate_batch(tokens, max_tokens=flags.sample_tokens, temperature=0.0)
-            samples.append(prompt + tokenizer.decode(results[0][len(tokens):]))
-            print0(repr(samples[-1]))
+        samples = greedy_samples(model, tokenizer, flags.sample_tokens)
+        for sample in samples:
+            print0(repr(sample))
     report.log_section("Base model loss", [
         {"checkpoint step": meta.get("step"), "split tokens": num_steps * tokens_per_step,
          "train bpb": bpb["train"], "val bpb": bpb["val"]},

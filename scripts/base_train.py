@@ -15,7 +15,7 @@ from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model
 from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
 from nanochat.dataloader import PretrainLoader
-from nanochat.engine import Engine
+from nanochat.engine import greedy_samples
 from nanochat.flags import FlagError, TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
 from nanochat.loss_eval import evaluate_bpb
@@ -23,10 +23,6 @@ from nanochat.optim import setup_optimizers
 from nanochat.schedules import warmup_warmdown
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import Eval, grad_accum_steps, train
-
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
-                  "The opposite of hot is", "The planets of the solar system are:"]
-
 
 @dataclass
 class BaseTrainFlags(ModelFlags, TrainFlags):
@@ -93,11 +89,8 @@ def val_bpb(model, tokenizer, flags: BaseTrainFlags, dist, seq_len: int) -> floa
 def print_samples(model, tokenizer, is_master: bool) -> None:
     if not is_master:
         return
-    engine = Engine(model, tokenizer)
-    for prompt in SAMPLE_PROMPTS:
-        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=tokenizer.bos_token_id), max_tokens=16,
-                                           temperature=0.0)
-        print0(f"sample: {tokenizer.decode(results[0][1:])!r}")
+    for sample in greedy_samples(model, tokenizer):
+        print0(f"sample: {sample!r}")
 
 
 def build_evals(flags: BaseTrainFlags, tokenizer, dist, seq_len: int) -> list[Eval]:
