@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -34,7 +33,6 @@ from nanochat.server.schemas import ChatCompletionRequest, CompletionRequest, Sa
 from nanochat.server.workers import Worker, WorkerPool
 
 logger = logging.getLogger("nanochat.server")
-GIL_SWITCH_INTERVAL = 0.001  # seconds
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; only the access log ever sees it
 
 
@@ -100,13 +98,8 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Generation threads hold the GIL between torch ops, and a waiting thread gets it only after the switch
-        # interval (5 ms by default): the event loop would pay that on every await while workers are busy.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         threading.Thread(target=load_in_background, name="nanochat-load", daemon=True).start()
         yield
-        sys.setswitchinterval(switch_interval)
 
     # no /docs or /redoc: FastAPI builds them from a CDN, and this server must work offline (/openapi.json stays)
     app = FastAPI(title="nanochat", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
