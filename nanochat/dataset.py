@@ -304,14 +304,11 @@ def write_corpus_shards(documents: Iterable[str], directory: Path | None = None,
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
-SHORT_FLAGS = {"-n": "--num_shards", "-w": "--num_workers"}
-
-
 @dataclass
 class DatasetFlags:
     """Get pretraining shards into $NANOCHAT_BASE_DIR/base_data (download, your own corpus, or the demo)."""
-    num_shards: int = flag(-1, "-n: train shards to download (plus the validation shard); -1 = no download")
-    num_workers: int = flag(4, "-w: parallel downloads")
+    num_shards: int = flag(-1, "train shards to download (plus the validation shard); -1 = no download", short="-n")
+    num_workers: int = flag(4, "parallel downloads", short="-w")
     url_template: str = flag("", "shard URL with {index} (e.g. {index:05d}); empty = $NANOCHAT_DATA_URL, "
                                  "else the public FineWeb-Edu shuffle")
     val_index: int = flag(FINEWEB_VAL_INDEX, "index of the validation shard on the server")
@@ -338,7 +335,6 @@ class DatasetFlags:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = [SHORT_FLAGS.get(arg, arg) for arg in (sys.argv[1:] if argv is None else argv)]
     flags = parse_flags(DatasetFlags, argv)
     if flags.num_shards != -1:
         paths = download_shards(flags.num_shards, flags.url_template, flags.num_workers, flags.val_index)

@@ -33,11 +33,13 @@ FlagError = UserError
 T = TypeVar("T")
 
 
-def flag(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying its help text (and optional choices) for `parse_flags`."""
+def flag(default: Any, help: str, choices: tuple | None = None, short: str | None = None) -> Any:
+    """A dataclass field carrying its help text (optional choices, optional short alias like "-n")."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if short is not None:
+        meta["short"] = short
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -84,8 +86,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def describe(cls: type) -> str:
+    """The flags class's own docstring, else the running script's; never dataclass's generated signature."""
+    doc = cls.__doc__ or ""
+    if doc.startswith(cls.__name__ + "("):
+        doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+    return doc.strip().split("\n\n")[0]
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
+    parser = OneLineParser(description=description or describe(cls),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -103,7 +113,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs.update(nargs="?", const=True, type=_converter(bool, optional))
         else:
             kwargs["type"] = _converter(base, optional)
-        parser.add_argument(f"--{field.name}", **kwargs)
+        names = [field.metadata["short"]] if "short" in field.metadata else []
+        parser.add_argument(*names, f"--{field.name}", **kwargs)
     return parser
 
 

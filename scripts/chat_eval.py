@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,18 +19,15 @@ from nanochat.core_eval import centered
 from nanochat.engine import Engine
 from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
 
-SHORT_FLAGS = {"-i": "--source", "-a": "--task_name", "-n": "--num_samples", "-x": "--max_problems",
-               "-t": "--temperature", "-k": "--top_k"}
-
-
 @dataclass
 class ChatEvalFlags(RuntimeFlags):
-    source: str = flag("sft", "-i: checkpoint to evaluate", tuple(CHECKPOINT_DIRS))
-    task_name: str = flag("", "-a: tasks separated by |, e.g. 'ARC-Easy|GSM8K'; empty = all")
-    num_samples: int = flag(1, "-n: samples per generative problem; a problem is solved if any passes (pass@n)")
-    max_problems: int = flag(-1, "-x: problems per task (the first N); -1 = all")
-    temperature: float = flag(0.0, "-t: sampling temperature for generative tasks; 0 = greedy")
-    top_k: int = flag(50, "-k: sample from the k most likely tokens; -1 = off")
+    source: str = flag("sft", "checkpoint to evaluate", tuple(CHECKPOINT_DIRS), short="-i")
+    task_name: str = flag("", "tasks separated by |, e.g. 'ARC-Easy|GSM8K'; empty = all", short="-a")
+    num_samples: int = flag(1, "samples per generative problem; a problem is solved if any passes (pass@n)",
+                            short="-n")
+    max_problems: int = flag(-1, "problems per task (the first N); -1 = all", short="-x")
+    temperature: float = flag(0.0, "sampling temperature for generative tasks; 0 = greedy", short="-t")
+    top_k: int = flag(50, "sample from the k most likely tokens; -1 = off", short="-k")
     max_new_tokens: int = flag(512, "tokens generated per sample; capped at half the model's context")
     batch_size: int = flag(8, "prompts per forward pass for categorical tasks")
     model_tag: str = flag("", "checkpoint tag; empty = the newest")
@@ -51,7 +47,6 @@ class ChatEvalFlags(RuntimeFlags):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = [SHORT_FLAGS.get(arg, arg) for arg in (sys.argv[1:] if argv is None else argv)]
     flags = parse_flags(ChatEvalFlags, argv)
     start = time.time()
     device_type = autodetect_device_type(flags.device_type)

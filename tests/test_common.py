@@ -187,3 +187,14 @@ def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_short_aliases_and_description():
+    @dataclass
+    class Short:
+        max_problems: int = flag(-1, "problems per task", short="-x")
+
+    assert parse_flags(Short, ["-x", "5"]).max_problems == 5
+    assert parse_flags(Short, ["--max_problems", "6"]).max_problems == 6
+    from nanochat.flags import build_parser
+    assert not build_parser(Short).description.startswith("Short(")  # never dataclass's generated signature
