@@ -40,10 +40,19 @@ nanochat_setup() {
         fi
     fi
 
+    # Python code is installed editable, so only the crate and the dependency list call for a reinstall:
+    # a stamp of their contents makes re-runs skip the build.
+    local stamp_file="$root/.venv/.nanochat-install-${extra:-base}" stamp
+    stamp="$(cd "$root" && find pyproject.toml rustbpe/Cargo.toml rustbpe/Cargo.lock rustbpe/src -type f -print0 \
+        | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && python -c 'import rustbpe, nanochat' 2>/dev/null; then
+        return 0
+    fi
     local target="$root"
     [ -n "$extra" ] && target="${root}[${extra}]"
     echo "setup: installing nanochat${extra:+[$extra]} (builds the rustbpe crate)"
     pip install -q -e "$target" || { echo "error: installing the project failed (see pip's output above)" >&2; return 2; }
+    echo "$stamp" > "$stamp_file"
 }
 
 nanochat_setup "$@"
