@@ -19,11 +19,27 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
+/// A `/proc/self/status` memory field (VmRSS: now, VmHWM: peak) in MB.
+fn memory_mb(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')?
+            .split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+    });
+    kb.unwrap_or(0.0) / 1e3
+}
+
 fn report(what: &str, wall: Instant, cpu: f64, extra: String) {
     println!(
-        "{what}: wall {:.2}s cpu {:.2}s {extra}",
+        "{what}: wall {:.2}s cpu {:.2}s rss {:.0}MB peak {:.0}MB {extra}",
         wall.elapsed().as_secs_f64(),
-        cpu_seconds() - cpu
+        cpu_seconds() - cpu,
+        memory_mb("VmRSS"),
+        memory_mb("VmHWM")
     );
 }
 
@@ -59,6 +75,6 @@ fn main() {
     );
 
     let (start, cpu) = (Instant::now(), cpu_seconds());
-    let merges = train::learn_merges(&counts, vocab_size - 256);
+    let merges = train::learn_merges(counts, vocab_size - 256);
     report("merges", start, cpu, format!("{}", merges.len()));
 }

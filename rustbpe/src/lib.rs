@@ -104,14 +104,16 @@ impl Tokenizer {
         }
     }
 
-    /// Learns `vocab_size - 256` merges (fewer if the text runs out of pairs) from counted chunks.
-    pub fn train(counts: &ChunkCounts, vocab_size: u64) -> Result<Self> {
+    /// Learns `vocab_size - 256` merges (fewer if the text runs out of pairs) from counted chunks, which
+    /// are consumed so that their memory is freed while the merges are learned.
+    pub fn train(counts: ChunkCounts, vocab_size: u64) -> Result<Self> {
         if vocab_size < u64::from(NUM_BYTE_TOKENS) {
             return Err(BpeError::VocabTooSmall(vocab_size as i64));
         }
         let num_merges = (vocab_size - u64::from(NUM_BYTE_TOKENS)) as usize;
+        let splitter = counts.splitter().clone();
         let merges = train::learn_merges(counts, num_merges);
-        Ok(Self::from_merges(counts.splitter().clone(), merges))
+        Ok(Self::from_merges(splitter, merges))
     }
 
     pub fn pattern(&self) -> &str {
@@ -252,7 +254,7 @@ mod tests {
     fn trained(texts: &[&str], vocab_size: u64) -> Tokenizer {
         let mut counts = ChunkCounts::new(Splitter::default());
         counts.add_texts(texts).unwrap();
-        Tokenizer::train(&counts, vocab_size).unwrap()
+        Tokenizer::train(counts, vocab_size).unwrap()
     }
 
     #[test]
@@ -292,7 +294,7 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let counts = ChunkCounts::new(Splitter::default());
-        let err = Tokenizer::train(&counts, 100).unwrap_err();
+        let err = Tokenizer::train(counts, 100).unwrap_err();
         assert!(err.to_string().contains("at least 256"));
         let err = Tokenizer::default().decode(&[256]).unwrap_err();
         assert!(err.to_string().contains("256"));

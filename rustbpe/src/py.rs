@@ -81,7 +81,8 @@ impl PyTokenizer {
             }
             py.detach(|| counts.add_texts(&buffer))?;
         }
-        self.inner = py.detach(|| crate::Tokenizer::train(&counts, vocab_size))?;
+        drop(buffer);
+        self.inner = py.detach(|| crate::Tokenizer::train(counts, vocab_size))?;
         Ok(())
     }
 

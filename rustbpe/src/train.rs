@@ -67,8 +67,9 @@ impl ChunkCounts {
         Ok(())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.counts.iter().map(|(chunk, &n)| (chunk.as_str(), n))
+    /// Every distinct chunk with its count, consuming the table.
+    pub fn into_chunks(self) -> impl Iterator<Item = (String, u64)> {
+        self.counts.into_iter()
     }
 }
 
@@ -111,12 +112,12 @@ impl PartialOrd for Candidate {
 ///
 /// Counts never rise after a pair first appears (every pair a merge creates contains the new id), so a
 /// lazily updated max-heap is exact: a popped entry whose count is stale is re-pushed with the true count.
-pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
+pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
     // All chunks' ids back to back (one allocation, visited in order), each shrinking in place as merges
     // apply; spans say where each chunk lives. Single-byte chunks hold no pair and are left out.
     let mut ids: Vec<u32> = Vec::new();
     let mut spans: Vec<Span> = Vec::with_capacity(counts.len());
-    for (chunk, n) in counts.iter() {
+    for (chunk, n) in counts.into_chunks() {
         if chunk.len() >= 2 {
             spans.push(Span {
                 start: ids.len(),
@@ -127,21 +128,24 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
         }
     }
 
-    let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
-    let mut occurs_in: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
+    // Every live pair (count > 0): its count and the chunks it may occur in. A chunk stays listed after
+    // other merges remove the pair from it; merging then finds nothing there, which costs one scan.
+    let mut pairs: FxHashMap<Pair, PairState> = FxHashMap::default();
     for (w, span) in spans.iter().enumerate() {
-        let weight = span.weight;
         for pair in ids[span.range()].windows(2).map(|p| (p[0], p[1])) {
-            *pair_counts.entry(pair).or_default() += weight;
-            let list = occurs_in.entry(pair).or_default();
-            if list.last() != Some(&(w as u32)) {
-                list.push(w as u32);
+            let state = pairs.entry(pair).or_default();
+            state.count += span.weight;
+            if state.chunks.last() != Some(&(w as u32)) {
+                state.chunks.push(w as u32);
             }
         }
     }
-    let mut heap: BinaryHeap<Candidate> = pair_counts
+    let mut heap: BinaryHeap<Candidate> = pairs
         .iter()
-        .map(|(&pair, &count)| Candidate { count, pair })
+        .map(|(&pair, state)| Candidate {
+            count: state.count,
+            pair,
+        })
         .collect();
 
     let mut merges = Vec::with_capacity(num_merges);
@@ -151,10 +155,9 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
     let (mut with_left, mut with_right) = (NewPairs::new(vocab_size), NewPairs::new(vocab_size));
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
-        let count = pair_counts.get(&top.pair).copied().unwrap_or(0);
-        if count <= 0 {
+        let Some(count) = pairs.get(&top.pair).map(|state| state.count) else {
             continue;
-        }
+        };
         if count != top.count {
             heap.push(Candidate {
                 count,
@@ -164,8 +167,10 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
         }
         let new_id = NUM_BYTE_TOKENS + merges.len() as u32;
         merges.push(top.pair);
-        pair_counts.remove(&top.pair);
-        for w in occurs_in.remove(&top.pair).unwrap_or_default() {
+        let merged = pairs
+            .remove(&top.pair)
+            .expect("a popped live pair is in the table");
+        for w in merged.chunks {
             let span = &mut spans[w as usize];
             let weight = span.weight;
             span.len = merge_in_place(&mut ids[span.range()], top.pair, new_id, |(x, y), delta| {
@@ -174,9 +179,13 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
                 } else if x == new_id {
                     with_right.add(y, delta * weight, w);
                 } else if (x, y) != top.pair {
-                    *pair_counts
+                    let state = pairs
                         .get_mut(&(x, y))
-                        .expect("a pair being removed was counted") += delta * weight;
+                        .expect("a pair being removed was counted");
+                    state.count += delta * weight;
+                    if state.count == 0 {
+                        pairs.remove(&(x, y));
+                    }
                 }
             });
         }
@@ -188,15 +197,20 @@ pub fn learn_merges(counts: &ChunkCounts, num_merges: usize) -> Vec<Pair> {
                     .drain()
                     .map(|(y, count, list)| ((new_id, y), count, list)),
             );
-        for (pair, count, list) in created {
+        for (pair, count, chunks) in created {
             if count > 0 {
-                pair_counts.insert(pair, count);
-                occurs_in.insert(pair, list);
+                pairs.insert(pair, PairState { count, chunks });
                 heap.push(Candidate { count, pair });
             }
         }
     }
     merges
+}
+
+#[derive(Debug, Default)]
+struct PairState {
+    count: i64,
+    chunks: Vec<u32>,
 }
 
 /// Where one distinct chunk's ids live in the shared buffer, and how often the chunk occurred.

@@ -5,7 +5,7 @@ use rustbpe::{ChunkCounts, Splitter, Tokenizer};
 fn train(texts: &[String], vocab_size: u64) -> Tokenizer {
     let mut counts = ChunkCounts::new(Splitter::default());
     counts.add_texts(texts).unwrap();
-    Tokenizer::train(&counts, vocab_size).unwrap()
+    Tokenizer::train(counts, vocab_size).unwrap()
 }
 
 proptest! {
