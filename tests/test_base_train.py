@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model
-from nanochat.flags import FlagError
-from scripts.base_train import main
+from nanochat.flags import FlagError, parse_flags
+from scripts.base_train import BaseTrainFlags, main, resolve_num_iterations
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, read_losses, subprocess_env, torchrun_cmd
 
 RUN_ARGS = [*TINY_MODEL_ARGS, "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=256",
@@ -38,6 +38,7 @@ def tag_dir(base, tag):
     return base / "base_checkpoints" / tag
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
     main([*RUN_ARGS, "--model_tag=learn", "--num_iterations=30", "--eval_every=15", "--sample_every=30"])
     out = capsys.readouterr().out
@@ -69,6 +70,16 @@ def test_bad_flags_name_the_fix(base, args, message):
         main([*RUN_ARGS, "--num_iterations=2", *args])
 
 
+@pytest.mark.parametrize("args, steps, why", [
+    (["--num_iterations=7", "--target_flops=1e15"], 7, "--num_iterations"),
+    (["--target_flops=1e12"], round(1e12 / (2e5 * 256)), "--target_flops"),
+    (["--target_param_data_ratio=10"], round(10 * 50_000 / 256), "--target_param_data_ratio 10"),
+])
+def test_run_length_priority(args, steps, why):
+    flags = parse_flags(BaseTrainFlags, [*RUN_ARGS, *args])
+    assert resolve_num_iterations(flags, num_params=50_000, flops_per_token=2e5) == (steps, why)
+
+
 def test_bad_flag_is_one_line_on_stderr(base):
     result = subprocess.run([sys.executable, "-m", "scripts.base_train", *RUN_ARGS, "--total_batch_size=1000"],
                             capture_output=True, text=True, env=subprocess_env(base), timeout=120)
@@ -78,9 +89,11 @@ def test_bad_flag_is_one_line_on_stderr(base):
 
 @pytest.mark.slow
 def test_kill_during_save_resumes_from_previous_complete_step(base):
-    main([*RUN_ARGS, "--model_tag=killed", "--num_iterations=4", "--save_every=2", "--eval_every=-1"])
+    # document masks and activation checkpointing ride along: they must survive a resume too
+    extras = ["--model_tag=killed", "--save_every=2", "--eval_every=-1", "--doc_mask", "--activation_checkpointing"]
+    main([*RUN_ARGS, *extras, "--num_iterations=4"])
     assert complete_steps(tag_dir(base, "killed")) == [2, 4]
-    args = [*RUN_ARGS, "--model_tag=killed", "--num_iterations=6", "--save_every=2", "--eval_every=-1", "--resume"]
+    args = [*RUN_ARGS, *extras, "--num_iterations=6", "--resume"]
     proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=subprocess_env(base, **{PAUSE_ENV: "120"}))
     try:
