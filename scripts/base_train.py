@@ -147,11 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     batches.close()
     wall = time.time() - start
     metrics = {"CORE": result.metrics["core"]} if "core" in result.metrics else {}
-    report.log_section("Base model training", {
-        "parameters": counts["total"], "depth": config.depth, "model_dim": config.model_dim,
-        "steps": result.step, "tokens": result.step * flags.total_batch_size, "final_loss": result.losses.get(
-            result.step), **{k: v for k, v in result.metrics.items()}, "checkpoint": str(result.checkpoint)},
-        source="base", metrics=metrics, wall_time_s=wall)
+    summary = {"parameters": counts["total"], "depth": config.depth, "model_dim": config.model_dim,
+               "steps": result.step, "tokens": result.step * flags.total_batch_size,
+               "final_loss": result.losses.get(result.step), **result.metrics, "checkpoint": str(result.checkpoint)}
+    report.log_section("Base model training", summary, source="base", metrics=metrics, wall_time_s=wall)
     cleanup_distributed()
 
 
