@@ -40,6 +40,9 @@ class Step:
     deltas: list[str]
     finished: dict[int, str] = field(default_factory=dict)
 
+    def is_empty(self) -> bool:
+        return not self.finished and not any(self.deltas)
+
     def merge(self, later: Step) -> None:
         self.deltas = [a + b for a, b in zip(self.deltas, later.deltas)]
         self.finished.update(later.finished)

@@ -61,7 +61,9 @@ class StepRelay:
                     self.pending = step
                 else:
                     self.pending.merge(step)
-            if self.pending is None or (self.scheduled and not flush):
+            # an empty step (a character still incomplete) is merged, not delivered: it must not use up the
+            # interval that the first visible text would then wait out
+            if self.pending is None or self.pending.is_empty() or (self.scheduled and not flush):
                 return
             wait = 0.0 if flush else self.last_delivery + self.min_interval - time.monotonic()
             self.scheduled = True
