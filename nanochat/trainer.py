@@ -180,7 +180,8 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
           checkpoint_dir: Path, dist: DistInfo, num_iterations: int, grad_accum_steps: int,
           evals: list[Eval] | tuple = (), meta: dict | None = None, flops_per_token: float | None = None,
           wandb_project: str = "nanochat", loss_fn: Callable | None = None) -> TrainResult:
-    """`loss_fn(model, batch) -> loss` replaces the default `model(inputs, targets, doc_ids=...)` (chat_rl's
+    """Train `model` from step 0 (or the resumed step) to `num_iterations`; see docs/internals.md for every argument.
+    `loss_fn(model, batch) -> loss` replaces the default `model(inputs, targets, doc_ids=...)` (chat_rl's
     policy-gradient loss uses it); the batch's first element is still the (B, T) inputs."""
     checkpoint_dir = Path(checkpoint_dir)
     device = dist.device
