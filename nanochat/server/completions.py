@@ -79,7 +79,7 @@ class Generation:
         self.events: asyncio.Queue[Step | Outcome | None] = asyncio.Queue()
         self.cancel = None
         self.watcher: asyncio.Task | None = None
-        self.client_gone = False
+        self.outcome: Outcome | None = None  # set when the generation ends; stays None if the client left first
 
     async def start(self) -> bool:
         """Take a worker and start; False if the client left while queued. Raises 429 when the queue is full."""
@@ -89,7 +89,6 @@ class Generation:
         if not acquiring.done():
             acquiring.cancel()
             await asyncio.gather(acquiring, return_exceptions=True)
-            self.client_gone = True
             return False
         try:
             worker = acquiring.result()  # re-raises the 429
@@ -103,7 +102,6 @@ class Generation:
 
     def on_client_gone(self) -> None:
         if self.watcher is not None and not self.watcher.cancelled():
-            self.client_gone = True
             self.stop()
             self.events.put_nowait(None)
 
@@ -117,9 +115,7 @@ class Generation:
             self.watcher.cancel()
 
     async def steps(self) -> AsyncIterator[Step]:
-        """Yields steps until the generation ends; afterwards `self.outcome` holds its Outcome (None if the
-        client went away first)."""
-        self.outcome: Outcome | None = None
+        """Yields steps until the generation ends (then `self.outcome` is set) or the client goes away."""
         while True:
             event = await self.events.get()
             if event is None:
