@@ -1,4 +1,4 @@
-"""One API request's life: take a worker (or wait, or get a 429), generate in its thread, watch for the client
+"""One API request's life: take a worker (or wait, or get a 429), generate on the worker's thread, watch for the client
 going away, and shape the results as OpenAI chat/text completions, streamed as SSE or returned whole.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Shape:
     """How the chunks of one endpoint look: chat.completion(.chunk) or text_completion."""
     chat: bool
     model_id: str
-    request_id: str = ""
+    request_id: str = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
