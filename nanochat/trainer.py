@@ -211,18 +211,29 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
     model.train()
     timed_steps, timed_seconds = 0, 0.0
 
+    def save() -> None:
+        rank_state = {"rng": capture_rng_state(), "loader": batches.state_dict()}
+        loop = {"tokens_seen": state.tokens_seen, "loss_ema": state.loss_ema, "metrics": state.metrics}
+        result.checkpoint = save_checkpoint(checkpoint_dir, state.step, model, optimizers,
+                                            {**meta, **state.metrics, "loop": loop}, rank_state,
+                                            keep_last=flags.keep_last)
+
     while True:
         last = state.step == num_iterations
         if state.step > start_step or start is None:
-            with autocast():
-                run_evals([e for e in evals if last or (e.every != -1 and state.step % e.every == 0)],
-                          model, state, log, wandb_run)
+            try:
+                with autocast():
+                    run_evals([e for e in evals if last or (e.every != -1 and state.step % e.every == 0)],
+                              model, state, log, wandb_run)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; MPS raises a plain one
+                # An eval that runs out of memory (on a laptop, say) must not lose the steps trained since the
+                # last save. Single process only: a collective save would hang if just this rank failed.
+                if "out of memory" in str(exc).lower() and not dist.is_distributed and state.step > start_step:
+                    save()
+                    print0(f"the eval ran out of memory; saved step {state.step} first, continue with --resume")
+                raise
         if state.step > start_step and (last or (flags.save_every != -1 and state.step % flags.save_every == 0)):
-            rank_state = {"rng": capture_rng_state(), "loader": batches.state_dict()}
-            loop = {"tokens_seen": state.tokens_seen, "loss_ema": state.loss_ema, "metrics": state.metrics}
-            result.checkpoint = save_checkpoint(checkpoint_dir, state.step, model, optimizers,
-                                                {**meta, **state.metrics, "loop": loop}, rank_state,
-                                                keep_last=flags.keep_last)
+            save()
         if last:
             break
 

@@ -140,6 +140,18 @@ def test_evals_run_on_cadence_and_reach_checkpoint_meta(rows, tmp_path):
     assert meta["val_metric"] == 7.0 and meta["step"] == 7
 
 
+def test_a_failing_eval_saves_the_trained_steps_first(rows, tmp_path):
+    def out_of_memory_at_step_4(model, step):
+        if step == 4:
+            raise torch.OutOfMemoryError("out of memory during eval")
+        return {}
+
+    with pytest.raises(torch.OutOfMemoryError):
+        run_training(flags_for(num_iterations=8, save_every=-1), rows, tmp_path / "ckpt",
+                     evals=[Eval("v", 2, out_of_memory_at_step_4)])
+    assert complete_steps(tmp_path / "ckpt") == [4]
+
+
 def test_out_of_memory_names_a_smaller_batch(rows, tmp_path):
     def exhausted(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
