@@ -36,9 +36,13 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = shared_server_base_dir(tmp_path_factory)
-    with serve_checkpoint(root, "base", max_queue=4) as live:
+def server_root(tmp_path_factory):
+    return shared_server_base_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(server_root):
+    with serve_checkpoint(server_root, "base", max_queue=4) as live:
         yield live
 
 
@@ -323,3 +327,20 @@ def test_settings_dialog_saves_and_validates(page):
     wait(page, lambda d: not dialog.is_displayed())
     saved = json.loads(page.execute_script("return localStorage.getItem('nanochat.settings')"))
     assert saved["temperature"] == 0.5 and saved["system_prompt"] == "Answer briefly."
+
+
+def test_api_key_from_settings(browser, server_root):
+    with serve_checkpoint(server_root, "base", api_key="ui-secret") as keyed:
+        browser.get(f"{keyed.url}/")
+        browser.execute_script("localStorage.clear();")
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.ID, "model-name").text == "API key needed (⚙)")
+        send(browser, "hello?")
+        banner = wait(browser, lambda d: d.find_element(By.ID, "error-banner").is_displayed())
+        assert banner
+        assert browser.find_element(By.CSS_SELECTOR, "#error-banner .text").text.startswith("Error 401:")
+        set_settings(browser, api_key="ui-secret")
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.ID, "model-name").text.startswith("nanochat-"))
+        browser.find_element(By.CSS_SELECTOR, ".message.assistant .regenerate").click()
+        wait(browser, lambda d: messages(d) == [("user", "hello?"), ("assistant", LONG_WORD * 12)] and idle(d))
