@@ -146,6 +146,12 @@ def run_script(*args: str, env_root=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def test_script_binds_loopback_by_default(server):
+    assert server.url.startswith("http://127.0.0.1:")
+    assert any("UI at http://127.0.0.1:" in line for line in server.lines)
+    assert not any(line.startswith("warning:") for line in server.lines)
+
+
 def test_script_errors_are_one_line(tmp_path, server):
     missing = run_script("--port", "0", env_root=tmp_path)
     assert missing.returncode == 2
