@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nanochat import report
 from nanochat.common import get_base_dir, print0
-from nanochat.dataset import iter_text_batches
+from nanochat.dataset import iter_text_batches, split_shards
 from nanochat.flags import FlagError, flag, parse_flags, run_main
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -68,6 +68,7 @@ def peak_rss_mb() -> float:
 def main(argv: list[str] | None = None) -> None:
     flags = parse_flags(TokTrainFlags, argv)
     output_dir = Path(flags.output_dir) if flags.output_dir else get_base_dir() / "tokenizer"
+    split_shards("train")  # missing shards stop here with the fix, before the progress bar starts
     counts = {"chars": 0, "docs": 0}
     start = time.time()
     with tqdm(total=None if flags.max_chars == -1 else flags.max_chars, unit="char", unit_scale=True,

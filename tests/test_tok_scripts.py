@@ -74,6 +74,9 @@ def test_bad_input_is_one_line_and_exit_2(base_dir):
     result = run_cli("scripts.tok_train", "--vocab_size=100", base_dir=base_dir)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --vocab_size must be >= 265 (256 bytes + 9 special tokens), got 100"
+    result = run_cli("scripts.tok_train", "--vocab_size=300", base_dir=base_dir)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nanochat.dataset" in result.stderr and "%" not in result.stdout
     result = run_cli("scripts.tok_eval", base_dir=base_dir)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "python -m scripts.tok_train" in result.stderr
