@@ -5,6 +5,7 @@
 //! occur in, so each merge only touches the chunks that contain it.
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::hash::Hash;
 
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -15,14 +16,14 @@ use crate::{merge_in_place, pool, Pair, Result, Splitter, NUM_BYTE_TOKENS};
 #[derive(Debug, Clone)]
 pub struct ChunkCounts {
     splitter: Splitter,
-    counts: FxHashMap<String, u64>,
+    tally: Tally<String>,
 }
 
 impl ChunkCounts {
     pub fn new(splitter: Splitter) -> Self {
         ChunkCounts {
             splitter,
-            counts: FxHashMap::default(),
+            tally: Tally::default(),
         }
     }
 
@@ -32,58 +33,105 @@ impl ChunkCounts {
 
     /// Number of distinct chunks.
     pub fn len(&self) -> usize {
-        self.counts.len()
+        self.tally.short.len() + self.tally.long.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.len() == 0
     }
 
-    /// Splits and counts a batch of texts in parallel; only chunks new to the table are copied.
+    /// Splits and counts a batch of texts in parallel; only long chunks new to the table are copied.
     pub fn add_texts<S: AsRef<str> + Sync>(&mut self, texts: &[S]) -> Result<()> {
         let splitter = &self.splitter;
-        let batch: FxHashMap<&str, u64> = pool::install(|| {
+        let batch: Tally<&str> = pool::install(|| {
             texts
                 .par_iter()
-                .try_fold(
-                    FxHashMap::default,
-                    |mut local: FxHashMap<&str, u64>, text| {
-                        splitter.for_each_chunk(text.as_ref(), |chunk| {
-                            *local.entry(chunk).or_default() += 1
-                        })?;
-                        Ok(local)
-                    },
-                )
-                .try_reduce(FxHashMap::default, |a, b| Ok(merge_counts(a, b)))
+                .try_fold(Tally::default, |mut local: Tally<&str>, text| {
+                    splitter.for_each_chunk(text.as_ref(), |chunk| local.add(chunk))?;
+                    Ok(local)
+                })
+                .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
         })?;
-        for (chunk, n) in batch {
-            match self.counts.get_mut(chunk) {
+        merge_maps(&mut self.tally.short, batch.short);
+        for (chunk, n) in batch.long {
+            match self.tally.long.get_mut(chunk) {
                 Some(total) => *total += n,
                 None => {
-                    self.counts.insert(chunk.to_owned(), n);
+                    self.tally.long.insert(chunk.to_owned(), n);
                 }
             }
         }
         Ok(())
     }
 
-    /// Every distinct chunk with its count, consuming the table.
-    pub fn into_chunks(self) -> impl Iterator<Item = (String, u64)> {
-        self.counts.into_iter()
+    /// Every distinct chunk's bytes with its count, consuming the table.
+    pub fn into_chunks(self) -> impl Iterator<Item = (Vec<u8>, u64)> {
+        let Tally { short, long } = self.tally;
+        short
+            .into_iter()
+            .map(|(packed, n)| (unpack(packed), n))
+            .chain(long.into_iter().map(|(chunk, n)| (chunk.into_bytes(), n)))
     }
 }
 
-fn merge_counts<'a>(
-    mut a: FxHashMap<&'a str, u64>,
-    mut b: FxHashMap<&'a str, u64>,
-) -> FxHashMap<&'a str, u64> {
-    if a.len() < b.len() {
-        std::mem::swap(&mut a, &mut b);
+/// Chunks of up to 15 bytes (nearly all of them) packed into one integer: their bytes, then the length in
+/// the top byte. Hashing and comparing these never reads the text, which was most of the counting time.
+type Packed = u128;
+const MAX_PACKED_LEN: usize = 15;
+
+fn pack(chunk: &[u8]) -> Packed {
+    let mut bytes = [0u8; 16];
+    bytes[..chunk.len()].copy_from_slice(chunk);
+    bytes[MAX_PACKED_LEN] = chunk.len() as u8;
+    Packed::from_le_bytes(bytes)
+}
+
+fn unpack(packed: Packed) -> Vec<u8> {
+    let bytes = packed.to_le_bytes();
+    bytes[..usize::from(bytes[MAX_PACKED_LEN])].to_vec()
+}
+
+/// Chunk counts: short chunks packed, longer ones keyed by their text (`&str` while counting a batch,
+/// `String` in the running total).
+#[derive(Debug, Clone)]
+struct Tally<K> {
+    short: FxHashMap<Packed, u64>,
+    long: FxHashMap<K, u64>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Tally {
+            short: FxHashMap::default(),
+            long: FxHashMap::default(),
+        }
     }
-    for (chunk, n) in b {
-        *a.entry(chunk).or_default() += n;
+}
+
+impl<'t> Tally<&'t str> {
+    fn add(&mut self, chunk: &'t str) {
+        if chunk.len() <= MAX_PACKED_LEN {
+            *self.short.entry(pack(chunk.as_bytes())).or_default() += 1;
+        } else {
+            *self.long.entry(chunk).or_default() += 1;
+        }
     }
-    a
+
+    fn merge(mut self, other: Self) -> Self {
+        merge_maps(&mut self.short, other.short);
+        merge_maps(&mut self.long, other.long);
+        self
+    }
+}
+
+/// Adds the counts of `from` into `into`, iterating over the smaller of the two.
+fn merge_maps<K: Hash + Eq>(into: &mut FxHashMap<K, u64>, mut from: FxHashMap<K, u64>) {
+    if into.len() < from.len() {
+        std::mem::swap(into, &mut from);
+    }
+    for (key, n) in from {
+        *into.entry(key).or_default() += n;
+    }
 }
 
 /// A heap entry: the pair's count when pushed, which may since have dropped (it is then re-checked).
@@ -124,7 +172,7 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
                 len: chunk.len(),
                 weight: n as i64,
             });
-            ids.extend(chunk.bytes().map(u32::from));
+            ids.extend(chunk.iter().map(|&b| u32::from(b)));
         }
     }
 
@@ -273,5 +321,32 @@ impl NewPairs {
                 std::mem::take(&mut words[i]),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_chunks_count_alike() {
+        for len in 0..=MAX_PACKED_LEN {
+            let chunk: Vec<u8> = (1..=len as u8).collect();
+            assert_eq!(unpack(pack(&chunk)), chunk);
+        }
+        let long = "x".repeat(40);
+        let texts = [format!("ab {long} ab"), format!("{long} ab")];
+        let mut counts = ChunkCounts::new(Splitter::default());
+        counts.add_texts(&texts).unwrap();
+        counts.add_texts(&texts[..1]).unwrap();
+        let mut chunks: Vec<(Vec<u8>, u64)> = counts.into_chunks().collect();
+        chunks.sort();
+        let expected = [
+            (b" ab".to_vec(), 3),
+            (format!(" {long}").into_bytes(), 2),
+            (b"ab".to_vec(), 2),
+            (long.into_bytes(), 1),
+        ];
+        assert_eq!(chunks, expected);
     }
 }
