@@ -47,7 +47,8 @@ launch() {
             rendezvous=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
                         --master_port="$MASTER_PORT")
         fi
-        torchrun "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" -m "$module" "$@"
+        # `--` ends torchrun's own options: otherwise it reads --run=... as an ambiguous abbreviation of --run-path
+        torchrun "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" -m "$module" -- "$@"
     else
         python -m "$module" "$@"
     fi
