@@ -186,9 +186,8 @@ def test_copy_puts_the_message_on_the_clipboard(page, server):
     button = page.find_element(By.CSS_SELECTOR, ".message.assistant .copy")
     button.click()
     wait(page, lambda d: button.text == "Copied")
-    clipboard = page.execute_async_script(
-        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0]('ERR ' + e));")
-    assert clipboard == LONG_WORD * 12
+    read_clipboard = "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0]('ERR ' + e));"
+    wait(page, lambda d: d.execute_async_script(read_clipboard) == LONG_WORD * 12, timeout=5)
 
 
 def test_history_survives_reload(page):
