@@ -16,15 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanochat.common import UserError, barrier, fsync_dir, get_base_dir, get_rank, print0
@@ -135,13 +138,14 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
         tmp.mkdir()
     barrier()
     own_files = [tmp / f"optim_rank{rank}.pt", tmp / f"rng_rank{rank}.pt"]
-    torch.save([opt.state_dict() for opt in optimizers], own_files[0])
-    torch.save(rank_state, own_files[1])
-    if rank == 0:
-        save_file(model_state_for_save(model), tmp / MODEL_FILE)
-        own_files.append(tmp / MODEL_FILE)
-    for path in own_files:
-        fsync_file(path)
+    with failed_write_is_user_error(tag_dir, tmp, step):
+        torch.save([opt.state_dict() for opt in optimizers], own_files[0])
+        torch.save(rank_state, own_files[1])
+        if rank == 0:
+            save_file(model_state_for_save(model), tmp / MODEL_FILE)
+            own_files.append(tmp / MODEL_FILE)
+        for path in own_files:
+            fsync_file(path)
     barrier()
     if rank == 0:
         pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
@@ -153,8 +157,9 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
                      "git_commit": git_commit(), "torch_version": torch.__version__,
                      "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
         meta_path = tmp / META_FILE
-        meta_path.write_text(json.dumps(full_meta, indent=2, default=str))
-        fsync_file(meta_path)
+        with failed_write_is_user_error(tag_dir, tmp, step):
+            meta_path.write_text(json.dumps(full_meta, indent=2, default=str))
+            fsync_file(meta_path)
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run repeating its last step)
             discard(final)
@@ -164,6 +169,21 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
         prune(tag_dir, keep_last)
     barrier()
     return final
+
+
+@contextmanager
+def failed_write_is_user_error(tag_dir: Path, tmp: Path, step: int):
+    """A full disk (or a file-size limit) is one clear line naming the checkpoint still usable, not a traceback
+    from deep inside torch.save (which reports it as an opaque RuntimeError)."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        have = complete_steps(tag_dir)
+        good = step_dir(tag_dir, have[-1]) if have else "none yet"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"could not write the checkpoint for step {step} ({reason}); is the disk full? Free space "
+                        f"and --resume; last complete checkpoint: {good}") from exc
 
 
 def discard(path: Path) -> None:
@@ -205,12 +225,41 @@ def verified(directory: Path, name: str, meta: dict) -> Path:
     return path
 
 
+def read_meta(directory: Path) -> dict:
+    try:
+        return json.loads((directory / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{directory / META_FILE} is unreadable ({exc}); the checkpoint is damaged, "
+                        "use another step (--resume_from_step)") from exc
+
+
+def find_damage(tag_dir: Path, step: int) -> str | None:
+    """Why a complete step's files (every rank's) fail their checksums in meta.json, or None when all match."""
+    directory = step_dir(tag_dir, step)
+    try:
+        meta = read_meta(directory)
+        for name in meta.get("files", {}):
+            verified(directory, name, meta)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def load_tensors_only(path: Path, device) -> object:
+    """torch.load(weights_only=True), with a refused pickle (code an attacker slipped in) as one clear line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path} holds objects that weights_only loading refuses, so it is not loaded (it may "
+                        "run code); use another step (--resume_from_step)") from exc
+
+
 def load_checkpoint(tag_dir: Path, step: int, device, rank: int = 0, load_optimizer: bool = True) -> Checkpoint:
     directory = step_dir(tag_dir, step)
     if step not in complete_steps(tag_dir):
         have = complete_steps(tag_dir)
         raise UserError(f"no complete checkpoint for step {step} in {tag_dir}; complete steps: {have or 'none'}")
-    meta = json.loads((directory / META_FILE).read_text())
+    meta = read_meta(directory)
     model_state = load_file(verified(directory, MODEL_FILE, meta), device=str(device))
     optimizer_states, rank_state = None, {}
     if load_optimizer:
@@ -218,10 +267,8 @@ def load_checkpoint(tag_dir: Path, step: int, device, rank: int = 0, load_optimi
         if meta.get("world_size", 1) != world:
             raise UserError(f"checkpoint {directory} was saved by {meta['world_size']} ranks but this run has "
                             f"{world}; resume with the same number of processes")
-        optimizer_states = torch.load(verified(directory, f"optim_rank{rank}.pt", meta), map_location=device,
-                                      weights_only=True)
-        rank_state = torch.load(verified(directory, f"rng_rank{rank}.pt", meta), map_location="cpu",
-                                weights_only=True)
+        optimizer_states = load_tensors_only(verified(directory, f"optim_rank{rank}.pt", meta), device)
+        rank_state = load_tensors_only(verified(directory, f"rng_rank{rank}.pt", meta), "cpu")
     return Checkpoint(model_state, optimizer_states, rank_state, meta)
 
 

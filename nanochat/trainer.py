@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as torch_dist
 
-from nanochat.checkpoint import (capture_rng_state, complete_steps, load_checkpoint, load_model_state,
+from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage, load_checkpoint, load_model_state,
                                  remove_partial, restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import DistInfo, UserError, device_peak_flops, init_wandb, print0, resolve_dtype
 from nanochat.flags import FlagError, TrainFlags, flags_to_dict
@@ -110,7 +110,14 @@ def resume_step(flags: TrainFlags, checkpoint_dir: Path) -> int | None:
     if not steps:
         raise UserError(f"--resume found no complete checkpoint in {checkpoint_dir}; drop --resume to start fresh "
                         "or check --model_tag")
-    return steps[-1]
+    # every rank checks every rank's files (the directory is shared), so all ranks pick the same step
+    for step in reversed(steps):
+        damage = find_damage(checkpoint_dir, step)
+        if damage is None:
+            return step
+        print0(f"skipping {step_dir(checkpoint_dir, step)}: {damage}")
+    raise UserError(f"--resume found every checkpoint in {checkpoint_dir} damaged (steps {steps}); drop --resume "
+                    "to start fresh")
 
 
 def restore(model, optimizers, batches, checkpoint_dir: Path, step: int, dist: DistInfo) -> LoopState:
