@@ -80,7 +80,9 @@ def row_groups(split: str, directory: Path | None = None) -> list[tuple[Path, in
 
 
 def read_row_group(path: Path, group: int) -> list[str]:
-    return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
+    # pages written with checksums (write_shard) are verified: a flipped byte is an error, never garbage text
+    parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    return parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
 
 
 def iter_text_batches(split: str, start: int = 0, step: int = 1,
@@ -237,19 +239,25 @@ def iter_record_documents(paths: Iterable[str | Path], field: str = "text") -> I
                         yield check_unicode(text, str(path))
             continue
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise UserError(f"{path}:{number} has no string field {field!r} (has {keys}); "
-                                    "name the text field with --field")
-                yield check_unicode(row[field], f"{path}:{number}")
+        try:
+            with opener(path, "rt", encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                        raise UserError(f"{path}:{number} has no string field {field!r} (has {keys}); "
+                                        "name the text field with --field")
+                    yield check_unicode(row[field], f"{path}:{number}")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason}); convert it, e.g. "
+                            "`iconv -f latin1 -t utf-8`") from exc
+        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a cut-off .gz is an EOFError
+            raise UserError(f"{path} cannot be read ({exc}); check the file") from exc
 
 
 def prepare_output_dir(directory: Path, overwrite: bool) -> None:
@@ -265,7 +273,7 @@ def prepare_output_dir(directory: Path, overwrite: bool) -> None:
 def write_shard(texts: list[str], path: Path) -> Path:
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd", write_page_checksum=True)
     return path
 
 
