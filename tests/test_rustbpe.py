@@ -136,6 +136,11 @@ def test_encode_decode_round_trip_and_match_tiktoken(real_texts):
     assert tok.batch_decode(encoded) == batch
 
 
+def test_huge_vocab_size_stops_when_pairs_run_out():
+    tok = trained(["abcabc"], 2**40)
+    assert tok.vocab_size == 256 + 3
+
+
 def test_decode_of_partial_utf8_is_replacement_char():
     tok = rustbpe.Tokenizer()
     assert tok.decode(list("é".encode())[:1]) == "\ufffd"

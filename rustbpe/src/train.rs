@@ -196,6 +196,9 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
         })
         .collect();
 
+    // Each merge shortens the chunks by at least one id, so this bounds the work and the tables below
+    // however large a vocabulary is asked for.
+    let num_merges = num_merges.min(ids.len());
     let mut merges = Vec::with_capacity(num_merges);
     let vocab_size = NUM_BYTE_TOKENS as usize + num_merges;
     // The pairs a merge creates all contain its new id, as (x, new) or (new, y): tally them in arrays
