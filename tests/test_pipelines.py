@@ -1,0 +1,147 @@
+"""The shell pipelines end to end at tiny scale on CPU: the same speedrun.sh (two torchrun ranks on gloo) and
+ittybitty.sh users run, every download served by a loopback mirror of ../shared/data (tests/pipeline_mirror.py),
+re-runs that skip finished stages, an interrupted base_train that resumes, and bash -n + shellcheck."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.http_fixtures import FileServer
+from tests.pipeline_mirror import build_mirror, mirror_env
+
+REPO = Path(__file__).resolve().parents[1]
+SHELL_SCRIPTS = sorted(p.relative_to(REPO).as_posix()
+                       for p in [*REPO.glob("*.sh"), *(REPO / "scripts").glob("*.sh"), *(REPO / "tests").glob("*.sh")])
+# report generate copies the report card and plots into the working dir, which is the repo for these scripts
+REPORT_COPIES = ("report.md", "train_loss.png", "val_bpb.png")
+PIPELINE_TIMEOUT_S = 600
+
+TINY_SIZES = {
+    "NUM_SHARDS": "3", "FIRST_SHARDS": "2", "VOCAB_SIZE": "512", "TOK_MAX_CHARS": "1000000",
+    "DEPTH": "1", "MODEL_DIM": "32", "HEAD_DIM": "16", "MAX_SEQ_LEN": "64",
+    "DEVICE_BATCH_SIZE": "4", "TOTAL_BATCH_SIZE": "512", "BASE_ITERS": "6", "BASE_EVAL_EVERY": "3",
+    "BASE_EVAL_TOKENS": "1024", "BASE_SAVE_EVERY": "3", "MID_ITERS": "3", "SFT_ITERS": "3",
+    "SFT_DEVICE_BATCH_SIZE": "2", "LOSS_SPLIT_TOKENS": "1024", "CORE_MAX_PER_TASK": "2", "CHAT_EVAL_MAX": "2",
+    # chat_rl needs GSM8K prompts (80-300 tokens at this vocab) to fit the context, which 64 tokens cannot hold
+    "RUN_RL": "0", "OMP_NUM_THREADS": "1",
+}
+# every stage a finished run skips by name (the background shard download is not even started again)
+SKIPPED_STAGES = ("report_reset", "shards_first", "tok_train", "tok_eval", "eval_bundle", "base_train", "base_loss",
+                  "base_eval", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft")
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory, shared_data):
+    site = build_mirror(tmp_path_factory.mktemp("mirror"), shared_data)
+    with FileServer(site) as server:
+        yield mirror_env(server.url())
+
+
+@pytest.fixture
+def keep_repo_report():
+    """Put back whatever report card the repo held before the pipeline under test overwrote it."""
+    saved = {name: (REPO / name).read_bytes() for name in REPORT_COPIES if (REPO / name).is_file()}
+    yield
+    for name in REPORT_COPIES:
+        if name in saved:
+            (REPO / name).write_bytes(saved[name])
+        else:
+            (REPO / name).unlink(missing_ok=True)
+
+
+def pipeline_env(base_dir: Path, mirror: dict[str, str], **sizes: str) -> dict[str, str]:
+    return {**os.environ, **mirror, **TINY_SIZES, **sizes, "NANOCHAT_BASE_DIR": str(base_dir)}
+
+
+def run_script(script: str, env: dict[str, str]) -> str:
+    result = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=PIPELINE_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{script} exited {result.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def newest_step(base_dir: Path, stage_dir: str, tag: str = "d1") -> Path | None:
+    steps = sorted((base_dir / stage_dir / tag).glob("step_*/meta.json"))
+    return steps[-1].parent if steps else None
+
+
+def assert_finished(base_dir: Path, output: str) -> None:
+    for stage_dir in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints"):
+        assert newest_step(base_dir, stage_dir) is not None, f"no complete {stage_dir}/d1 checkpoint"
+    report = (base_dir / "report" / "report.md").read_text()
+    assert "## Summary" in report and "| Metric | BASE | MID | SFT | RL |" in report
+    assert re.search(r"^\| CORE \| -?\d", report, re.M), "the summary table lacks the base model's CORE score"
+    assert (REPO / "report.md").read_text() == report
+    assert "python -m scripts.chat_web --source sft --model_tag=d1" in output
+
+
+def assert_everything_skipped(output: str) -> None:
+    skipped = re.findall(r"^== \[(\w+)\] already done", output, re.M)
+    assert set(skipped) == set(SKIPPED_STAGES), f"not skipped on the re-run: {set(SKIPPED_STAGES) - set(skipped)}"
+    assert not re.search(r"^== \[\w+\] (launch|python|wait)", output, re.M), "a stage ran again"
+    assert "waiting for the remaining shards" not in output
+
+
+@pytest.mark.slow
+def test_speedrun_on_two_torchrun_ranks_end_to_end_then_rerun_skips(tmp_path, mirror, keep_repo_report):
+    base_dir = tmp_path / "base"
+    env = pipeline_env(base_dir, mirror, NPROC_PER_NODE="2")
+    output = run_script("speedrun.sh", env)
+    assert "1 node(s) x 2 process(es)" in output and "2 rank(s) on cpu" in output
+    assert_finished(base_dir, output)
+    assert len(list((base_dir / "base_data").glob("shard_*.parquet"))) == 4  # 3 train + the validation shard
+
+    started = time.monotonic()
+    rerun = run_script("speedrun.sh", env)
+    assert_everything_skipped(rerun)
+    assert time.monotonic() - started < 90, "the re-run should skip every stage quickly"
+
+
+@pytest.mark.slow
+def test_ittybitty_killed_in_base_train_resumes_and_finishes(tmp_path, mirror, keep_repo_report):
+    base_dir = tmp_path / "base"
+    # enough steps that a periodic checkpoint lands well before the end, so the kill hits a running base_train
+    env = pipeline_env(base_dir, mirror, BASE_ITERS="120", BASE_EVAL_EVERY="-1", BASE_SAVE_EVERY="10")
+    log_path = tmp_path / "first_run.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(["bash", "ittybitty.sh"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            deadline = time.monotonic() + PIPELINE_TIMEOUT_S
+            while newest_step(base_dir, "base_checkpoints") is None:
+                assert first.poll() is None, f"ittybitty.sh stopped early:\n{log_path.read_text()[-6000:]}"
+                assert time.monotonic() < deadline, "no base checkpoint appeared"
+                time.sleep(0.1)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    first_output = log_path.read_text()
+    assert "vram check: skipped, no CUDA GPU on this machine" in first_output
+    assert not (base_dir / "pipeline" / "base_train.done").exists(), "base_train finished before the kill"
+    killed_at = int(newest_step(base_dir, "base_checkpoints").name.removeprefix("step_"))
+    assert killed_at < 120
+
+    output = run_script("ittybitty.sh", env)
+    assert "== [base_train] launch scripts.base_train" in output and " --resume" in output
+    assert re.search(r"^resumed from .*base_checkpoints/d1/step_\d{6}$", output, re.M), output[-4000:]
+    assert newest_step(base_dir, "base_checkpoints").name == "step_000120"
+    assert "1 node(s) x 1 process(es)" in output and "1 rank(s) on cpu" in output
+    assert_finished(base_dir, output)
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_script_is_bash_n_and_shellcheck_clean(script):
+    syntax = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    lint = subprocess.run(["shellcheck", "-x", script], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
