@@ -181,11 +181,18 @@ def test_failed_training_keeps_the_previous_vocabulary():
 
 def test_encoding_releases_the_gil(real_texts):
     tok = trained(real_texts[:50], 600)
+    texts = real_texts[:128]
+    while True:  # enough text for one call to take a while on this machine
+        start = time.perf_counter()
+        tok.batch_encode(texts)
+        if time.perf_counter() - start > 0.2:
+            break
+        texts = texts * 2
     window = {}
 
     def encode_all():
         window["start"] = time.perf_counter()
-        tok.batch_encode(real_texts)
+        tok.batch_encode(texts)
         window["end"] = time.perf_counter()
 
     worker = threading.Thread(target=encode_all)
@@ -198,7 +205,7 @@ def test_encoding_releases_the_gil(real_texts):
     start, end = window["start"], window["end"]
     middle = [t for t in ticks if start + 0.25 * (end - start) < t < end - 0.25 * (end - start)]
     # Holding the GIL through the call would freeze this thread for the whole window.
-    assert end - start > 0.05 and len(middle) >= 5, (end - start, len(middle))
+    assert len(middle) >= 5, (end - start, len(middle))
 
 
 def _encode_in_child(queue):
