@@ -221,7 +221,11 @@ def test_parallel_work_still_runs_after_fork():
     child = ctx.Process(target=_encode_in_child, args=(queue,))
     child.start()
     child.join(timeout=60)
-    assert child.exitcode == 0, "child hung or crashed after fork"
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung in batch_encode")
+    assert child.exitcode == 0, "the forked child crashed"
     assert queue.get(timeout=5) is True
 
 
