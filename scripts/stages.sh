@@ -2,7 +2,8 @@
 # Stage runner shared by speedrun.sh, ittybitty.sh and demo.sh.
 #   stage NAME CMD...   runs CMD unless NAME finished before (a marker in $NANOCHAT_BASE_DIR/pipeline/);
 #                       a failure stops the whole script with the stage's name.
-#   resume_flag TAG DIR prints --resume when DIR/TAG holds a checkpoint, so an interrupted run continues.
+#   resume_flag TAG DIR prints --resume when DIR/TAG holds a complete checkpoint (not a step_N.tmp left by a
+#                       kill mid-save), so an interrupted run continues.
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 PIPELINE_MARKS="$NANOCHAT_BASE_DIR/pipeline"
@@ -30,7 +31,7 @@ stage() {
 
 resume_flag() {
     local tag="$1" dir="$2"
-    if compgen -G "$NANOCHAT_BASE_DIR/$dir/$tag/step_*/meta.json" >/dev/null; then
+    if compgen -G "$NANOCHAT_BASE_DIR/$dir/$tag/step_*[0-9]/meta.json" >/dev/null; then
         echo "--resume"
     fi
 }

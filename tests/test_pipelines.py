@@ -137,6 +137,36 @@ def test_ittybitty_killed_in_base_train_resumes_and_finishes(tmp_path, mirror, k
     assert_finished(base_dir, output)
 
 
+def run_stages(base_dir: Path, body: str) -> subprocess.CompletedProcess:
+    """`body` run in bash -e after sourcing scripts/stages.sh, as the pipeline does."""
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source scripts/stages.sh; {body}"], cwd=REPO,
+                          env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}, capture_output=True, text=True)
+
+
+def test_failed_stage_stops_with_its_name_and_finished_stages_are_skipped(tmp_path):
+    first = run_stages(tmp_path, "stage fetch echo fetched; stage train false; echo after")
+    assert first.returncode == 1
+    assert "error: stage 'train' failed" in first.stderr and "re-run this script" in first.stderr
+    assert "fetched" in first.stdout and "after" not in first.stdout
+    assert (tmp_path / "pipeline" / "fetch.done").is_file() and not (tmp_path / "pipeline" / "train.done").exists()
+    second = run_stages(tmp_path, "stage fetch echo fetched; stage train echo trained")
+    assert second.returncode == 0, second.stderr
+    assert "== [fetch] already done" in second.stdout and "fetched\n" not in second.stdout
+    assert "trained" in second.stdout and (tmp_path / "pipeline" / "train.done").is_file()
+
+
+def test_resume_flag_only_for_a_complete_checkpoint(tmp_path):
+    tag_dir = tmp_path / "base_checkpoints" / "d1"
+    flag = "echo \"[$(resume_flag d1 base_checkpoints)]\""
+    assert run_stages(tmp_path, flag).stdout.strip() == "[]"
+    (tag_dir / "step_000010.tmp").mkdir(parents=True)  # a kill mid-save leaves this behind
+    (tag_dir / "step_000010.tmp" / "meta.json").write_text("{}")
+    assert run_stages(tmp_path, flag).stdout.strip() == "[]"
+    (tag_dir / "step_000005").mkdir()
+    (tag_dir / "step_000005" / "meta.json").write_text("{}")
+    assert run_stages(tmp_path, flag).stdout.strip() == "[--resume]"
+
+
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shell_script_is_bash_n_and_shellcheck_clean(script):
     syntax = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
