@@ -167,6 +167,14 @@ def test_resume_flag_only_for_a_complete_checkpoint(tmp_path):
     assert run_stages(tmp_path, flag).stdout.strip() == "[--resume]"
 
 
+def test_demo_rejects_an_unknown_argument_in_one_line(tmp_path):
+    result = subprocess.run(["bash", "demo.sh", "--serve-forever"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown argument --serve-forever (the only option is --no-serve)\n"
+    assert not any(tmp_path.iterdir()), "nothing should run before the arguments are checked"
+
+
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shell_script_is_bash_n_and_shellcheck_clean(script):
     syntax = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
