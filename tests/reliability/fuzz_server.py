@@ -8,6 +8,7 @@ reply, or any exception but the documented `UserError`, is a crash. Bounded: `py
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 with atheris.instrument_imports(include=["nanochat"]):  # coverage for our code only: instrumenting torch takes minutes
     from nanochat.common import UserError
     from nanochat.server import ServerSettings, create_app
+    from nanochat.tokenizer import Tokenizer
 
 from tests.server_fixtures import build_server_base_dir, checkpoint_loader
 
@@ -74,7 +76,8 @@ def encode(body) -> bytes:
 
 class Target:
     def __init__(self):
-        root = build_server_base_dir(Path(tempfile.mkdtemp(prefix="fuzz_server_")))
+        # libFuzzer exits the process itself, so the caller's directory ($NANOCHAT_FUZZ_DIR) is cleaned by the caller
+        root = build_server_base_dir(Path(os.environ.get("NANOCHAT_FUZZ_DIR") or tempfile.mkdtemp(prefix="fuzz_")))
         self.client = TestClient(create_app(checkpoint_loader(root, "sft"),
                                             ServerSettings(max_queue=4, default_max_tokens=2)))
         self.client.__enter__()
@@ -83,8 +86,6 @@ class Target:
             if time.monotonic() > deadline:
                 raise RuntimeError("the fuzz target's model never loaded")
             time.sleep(0.05)
-        from nanochat.tokenizer import Tokenizer
-
         self.tokenizer = Tokenizer.load(root / "tokenizer")
 
     def __call__(self, data: bytes) -> None:

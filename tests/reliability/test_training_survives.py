@@ -55,7 +55,7 @@ def final_weights(base, tag: str) -> dict[str, torch.Tensor]:
 
 def run_and_kill(base, args: list[str], kill_after_step: int, delay_s: float, mid_save: bool) -> None:
     """Start base_train, SIGKILL it `delay_s` after it prints step `kill_after_step` (or while it pauses mid-save)."""
-    env = subprocess_env(base, **({PAUSE_ENV: "60"} if mid_save else {}))
+    env = subprocess_env(base, PYTHONUNBUFFERED="1", **({PAUSE_ENV: "60"} if mid_save else {}))
     proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -83,8 +83,12 @@ def test_kill_nine_at_five_random_points_then_resume_is_bit_exact(corpus):
         done = complete_steps(tag_dir(corpus, "killed"))
         resumed_from = done[-1] if done else 0
         resume = ["--resume"] if done else []
-        run_and_kill(corpus, [*args, *resume], kill_after_step=rng.randint(resumed_from + 1, STEPS - 1),
-                     delay_s=rng.uniform(0, 0.05), mid_save=kill == mid_save_kill)
+        # at most STEPS - 2: two more steps and the final save cannot fit in the <= 50 ms before the kill;
+        # a run resumed later than that is killed mid-save, so no kill can miss and let the run finish
+        mid_save = kill == mid_save_kill or resumed_from >= STEPS - 2
+        kill_after_step = rng.randint(resumed_from + 1, max(resumed_from + 1, STEPS - 2))
+        run_and_kill(corpus, [*args, *resume], kill_after_step=kill_after_step,
+                     delay_s=rng.uniform(0, 0.05), mid_save=mid_save)
         assert not complete_steps(tag_dir(corpus, "killed")) or complete_steps(tag_dir(corpus, "killed"))[-1] < STEPS
     finished = base_train(corpus, "--model_tag=killed", f"--num_iterations={STEPS}", "--resume")
     assert finished.returncode == 0, finished.stderr[-2000:]
