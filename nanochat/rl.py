@@ -36,8 +36,8 @@ class RolloutBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = (self.position * self.world_size + self.rank) % len(self.task)
         conversation = self.task[index]
-        prompt = self.tokenizer.render_for_completion(conversation)
-        budget = min(self.max_new_tokens, self.max_seq_len - len(prompt) + 1)
+        prompt, budget = fit_prompt(self.tokenizer.render_for_completion(conversation), self.max_seq_len,
+                                    self.max_new_tokens)
         # The seed follows the question, so a resumed run samples exactly what the original would have.
         results, masks = self.engine.generate_batch(prompt, num_samples=self.num_samples, max_tokens=budget,
                                                     temperature=self.temperature, top_k=self.top_k,
@@ -82,6 +82,13 @@ def policy_gradient_loss(model, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fit_prompt(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """Crop a long prompt from the left so at least half the context (or max_new_tokens) is left to answer in;
+    the answer's last token is never fed back, so prompt + budget may be max_seq_len + 1."""
+    prompt = prompt[-(max_seq_len - min(max_new_tokens, max_seq_len // 2)):]
+    return prompt, min(max_new_tokens, max_seq_len - len(prompt) + 1)
+
+
 def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_tokens: int, temperature: float,
               top_k: int | None, rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
     """pass@1..k: the fraction of the first `num_problems` problems that one of the first j samples solves."""
@@ -89,8 +96,8 @@ def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_t
     solved = torch.zeros(k + 1, dtype=torch.float64)  # solved[j-1] counts pass@j; the last entry counts problems
     for index in range(rank, min(num_problems, len(task)), world_size):
         conversation = task[index]
-        prompt = tokenizer.render_for_completion(conversation)
-        budget = min(max_new_tokens, model.config.max_seq_len - len(prompt) + 1)
+        prompt, budget = fit_prompt(tokenizer.render_for_completion(conversation), model.config.max_seq_len,
+                                    max_new_tokens)
         results, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=budget, temperature=temperature,
                                            top_k=top_k, seed=seed + index)
         correct = [task.evaluate(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
