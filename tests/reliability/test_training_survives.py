@@ -213,6 +213,7 @@ def rows(corpus, shared_data):
     return token_rows(Tokenizer.load(corpus / "tokenizer"), read_real_docs(shared_data, 48), SEQ_LEN)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_resume_loses_nothing(rows, tmp_path):
     straight_model, straight = run_training(flags_for(num_iterations=8, save_every=2), rows, tmp_path / "straight")
     calls = [0]
