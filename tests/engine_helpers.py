@@ -55,12 +55,17 @@ def random_gpt(vocab_size: int, num_kv_heads: int = 2, depth: int = 2, max_seq_l
                        max_seq_len=max_seq_len, vocab_size=vocab_size)
     model = GPT(config)
     model.init_weights()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.normal_(std=0.1)
-            block.mlp.c_proj.weight.normal_(std=0.1)
-        model.lm_head.weight.normal_(std=0.3)
-    return model.eval()
+    return perturb_projections(model).eval()
+
+
+@torch.no_grad()
+def perturb_projections(model: GPT) -> GPT:
+    """Zero-initialised projections make every block the identity; perturb them so tests exercise attention."""
+    for block in model.blocks:
+        block.attn.c_proj.weight.normal_(std=0.1)
+        block.mlp.c_proj.weight.normal_(std=0.1)
+    model.lm_head.weight.normal_(std=0.3)
+    return model
 
 
 def known_logits_gpt(vocab_size: int, logits_by_token: dict[int, float], max_seq_len: int = 64) -> GPT:

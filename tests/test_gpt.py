@@ -5,6 +5,7 @@ import torch
 import nanochat.gpt as gpt_module
 from nanochat.flags import FlagError
 from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
+from tests.engine_helpers import perturb_projections
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -17,13 +18,7 @@ def build(config: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights()
-    # zero-initialised projections make every block the identity; perturb them so tests exercise attention
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.normal_(std=0.1)
-            block.mlp.c_proj.weight.normal_(std=0.1)
-        model.lm_head.weight.normal_(std=0.3)
-    return model
+    return perturb_projections(model)
 
 
 class ListCache:
