@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
-from nanochat.common import DistInfo, autodetect_device_type, init_distributed, print0, seed_everything
-from nanochat.flags import FlagError, TrainFlags, flag
+from nanochat.common import DistInfo, UserError, autodetect_device_type, init_distributed, print0, seed_everything
+from nanochat.flags import TrainFlags, flag
 from nanochat.optim import setup_optimizers
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
@@ -39,9 +39,9 @@ class StageFlags(TrainFlags):
     def __post_init__(self):
         super().__post_init__()
         if self.init_lr_frac <= 0:
-            raise FlagError(f"--init_lr_frac must be > 0, got {self.init_lr_frac}")
+            raise UserError(f"--init_lr_frac must be > 0, got {self.init_lr_frac}")
         if self.step < -1:
-            raise FlagError(f"--step must be >= 0 or -1 (newest), got {self.step}")
+            raise UserError(f"--step must be >= 0 or -1 (newest), got {self.step}")
 
 
 @dataclass
@@ -63,10 +63,10 @@ class ChatTrainFlags(StageFlags):
     def __post_init__(self):
         super().__post_init__()
         if self.eval_batches < 1:
-            raise FlagError(f"--eval_batches must be >= 1, got {self.eval_batches}")
+            raise UserError(f"--eval_batches must be >= 1, got {self.eval_batches}")
         for name in ("chat_examples", *SYNTHETIC):
             if getattr(self, name) < -1:
-                raise FlagError(f"--{name} must be >= 0 or -1 (stage default), got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 0 or -1 (stage default), got {getattr(self, name)}")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def start_stage(flags: StageFlags, source: str, stage: str) -> Stage:
     model_len = model.config.max_seq_len
     seq_len = model_len if flags.max_seq_len == -1 else flags.max_seq_len
     if not 1 <= seq_len <= model_len:
-        raise FlagError(f"--max_seq_len {flags.max_seq_len} must be between 1 and the model's {model_len}; "
+        raise UserError(f"--max_seq_len {flags.max_seq_len} must be between 1 and the model's {model_len}; "
                         "use -1 for the model's")
     out_dir = checkpoint_dir(stage, tag)
     print0(f"{stage}: from {source}/{tag} step {meta['step']} -> {out_dir}; rows of {seq_len} tokens; "
@@ -114,7 +114,7 @@ def examples_accum_steps(target_examples: int, device_batch_size: int, world_siz
     if target_examples % per_micro == 0 and target_examples > 0:
         return target_examples // per_micro
     nearest = max(per_micro, round(target_examples / per_micro) * per_micro)
-    raise FlagError(f"--{flag_name} {target_examples} is not a multiple of {per_micro} conversations per "
+    raise UserError(f"--{flag_name} {target_examples} is not a multiple of {per_micro} conversations per "
                     f"micro-step (device_batch_size {device_batch_size} × {world_size} ranks); "
                     f"try --{flag_name} {nearest}")
 
@@ -161,7 +161,7 @@ def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: d
         words = words if words is not None else load_words(flags.words_file or None)
         tasks.append(task_class(size, split=split, words=words))
     if not tasks:
-        raise FlagError("the mixture is empty: keep --chat_examples non-zero or ask for synthetic examples")
+        raise UserError("the mixture is empty: keep --chat_examples non-zero or ask for synthetic examples")
     mixture = TaskMixture(tasks, seed=flags.seed)
     print0(f"{split} mixture: {len(mixture):,} conversations = " +
            " + ".join(f"{type(t).__name__} {len(t):,}" for t in tasks))

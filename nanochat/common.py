@@ -5,7 +5,6 @@ Nothing here reads flags; scripts pass what the user asked for and these functio
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 from collections.abc import Iterator
@@ -189,28 +188,14 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def get_logger(name: str = "nanochat") -> logging.Logger:
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO if get_rank() == 0 else logging.WARNING)
-        logger.propagate = False
-    return logger
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Seeding
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch (all devices); returns a CPU generator for code that wants its own."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
 
 
 # ---------------------------------------------------------------------------------------------------------

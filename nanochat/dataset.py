@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nanochat.common import UserError, atomic_path, get_base_dir
 from nanochat.download import download_file, hub_file_url, validate_parquet
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.flags import flag, parse_flags, run_main
 
 MAKE_SHARDS_HINT = ("make shards with `python -m nanochat.dataset -n 8` (download), "
                     "`--from_text PATH` (your own text) or `--source demo` (offline)")
@@ -103,10 +103,10 @@ def resolve_url_template(url_template: str = "") -> str:
     try:
         template.format(index=0)
     except (KeyError, IndexError, ValueError) as exc:
-        raise FlagError(f"--url_template must contain {{index}} (e.g. .../shard_{{index:05d}}.parquet), "
+        raise UserError(f"--url_template must contain {{index}} (e.g. .../shard_{{index:05d}}.parquet), "
                         f"got {template!r}") from exc
     if template.format(index=0) == template.format(index=1):
-        raise FlagError(f"--url_template must contain {{index}}, got {template!r}")
+        raise UserError(f"--url_template must contain {{index}}, got {template!r}")
     return template
 
 
@@ -115,7 +115,7 @@ def download_shards(num_train: int, url_template: str = "", num_workers: int = 4
                     retries: int = 5, backoff_s: float = 1.0) -> list[Path]:
     """Download train shards 0..num_train-1 plus the validation shard, in parallel; valid ones are skipped."""
     if not 1 <= num_train <= val_index:
-        raise FlagError(f"-n must be between 1 and {val_index} (the validation shard's index), got {num_train}")
+        raise UserError(f"-n must be between 1 and {val_index} (the validation shard's index), got {num_train}")
     template = resolve_url_template(url_template)
     directory = directory or data_dir()
     indexes = list(range(num_train)) + [val_index]
@@ -333,13 +333,13 @@ class DatasetFlags:
     def __post_init__(self):
         chosen = [self.num_shards != -1, bool(self.from_text), bool(self.from_jsonl), self.source == "demo"]
         if sum(chosen) != 1:
-            raise FlagError("pick exactly one of -n N, --from_text PATH, --from_jsonl PATH, --source demo")
+            raise UserError("pick exactly one of -n N, --from_text PATH, --from_jsonl PATH, --source demo")
         for name in ("from_text", "from_jsonl"):
             missing = [p for p in getattr(self, name) if not Path(p).expanduser().exists()]
             if missing:
-                raise FlagError(f"--{name}: {missing[0]} does not exist")
+                raise UserError(f"--{name}: {missing[0]} does not exist")
         if self.shard_mb <= 0 and self.shard_mb != -1:
-            raise FlagError(f"--shard_mb must be > 0 or -1 (default), got {self.shard_mb}")
+            raise UserError(f"--shard_mb must be > 0 or -1 (default), got {self.shard_mb}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,8 +28,6 @@ import torch
 
 from nanochat.common import UserError
 
-FlagError = UserError
-
 T = TypeVar("T")
 
 
@@ -119,13 +117,9 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 
 def parse_flags(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """Parse argv into the dataclass; its `__post_init__` validates and raises FlagError."""
+    """Parse argv into the dataclass; its `__post_init__` validates and raises UserError."""
     namespace = build_parser(cls, description).parse_args(argv)
     return cls(**vars(namespace))
-
-
-def flags_to_dict(flags: Any) -> dict:
-    return dataclasses.asdict(flags)
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -172,10 +166,10 @@ class TrainFlags(RuntimeFlags):
     def __post_init__(self):
         for name in ("device_batch_size", "total_batch_size"):
             if getattr(self, name) < 1:
-                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.keep_last == 0 or self.keep_last < -1:
-            raise FlagError(f"--keep_last must be >= 1 or -1 (keep all), got {self.keep_last}")
+            raise UserError(f"--keep_last must be >= 1 or -1 (keep all), got {self.keep_last}")
         if self.save_every == 0 or self.save_every < -1:
-            raise FlagError(f"--save_every must be >= 1 or -1 (off), got {self.save_every}")
+            raise UserError(f"--save_every must be >= 1 or -1 (off), got {self.save_every}")
         if self.eval_every == 0 or self.eval_every < -1:
-            raise FlagError(f"--eval_every must be >= 1 or -1 (off), got {self.eval_every}")
+            raise UserError(f"--eval_every must be >= 1 or -1 (off), got {self.eval_every}")

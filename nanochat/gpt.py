@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.flags import FlagError, flag
+from nanochat.common import UserError
+from nanochat.flags import flag
 
 VOCAB_MULTIPLE = 64
 # Logits elements (rows × padded vocab) per loss chunk: 2**26 float32 = 256 MiB at most at a time.
@@ -52,7 +53,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.mlp not in ("relu2", "swiglu"):
-            raise FlagError(f"model config mlp must be relu2 or swiglu, got {self.mlp!r}")
+            raise UserError(f"model config mlp must be relu2 or swiglu, got {self.mlp!r}")
 
     @property
     def hidden_dim(self) -> int:
@@ -77,32 +78,32 @@ class ModelFlags:
 def model_config(flags: ModelFlags, vocab_size: int) -> GPTConfig:
     """Resolve derived model flags (explicit values win) and check they fit together."""
     if flags.depth < 1:
-        raise FlagError(f"--depth must be >= 1, got {flags.depth}")
+        raise UserError(f"--depth must be >= 1, got {flags.depth}")
     if flags.max_seq_len < 1:
-        raise FlagError(f"--max_seq_len must be >= 1, got {flags.max_seq_len}")
+        raise UserError(f"--max_seq_len must be >= 1, got {flags.max_seq_len}")
     if flags.head_dim < 2 or flags.head_dim % 2:
-        raise FlagError(f"--head_dim must be an even number >= 2 (rotary pairs dimensions), got {flags.head_dim}")
+        raise UserError(f"--head_dim must be an even number >= 2 (rotary pairs dimensions), got {flags.head_dim}")
     model_dim = flags.model_dim if flags.model_dim != -1 else 64 * flags.depth
     if model_dim < 1:
-        raise FlagError(f"--model_dim must be >= 1 or -1 (64 × depth), got {flags.model_dim}")
+        raise UserError(f"--model_dim must be >= 1 or -1 (64 × depth), got {flags.model_dim}")
     if flags.num_heads == -1:
         if model_dim % flags.head_dim:
             divisors = [d for d in (256, 192, 128, 96, 64, 32, 16) if model_dim % d == 0]
             hint = f"; try --head_dim {divisors[0]}" if divisors else ""
-            raise FlagError(f"--model_dim {model_dim} is not a multiple of --head_dim {flags.head_dim}{hint}")
+            raise UserError(f"--model_dim {model_dim} is not a multiple of --head_dim {flags.head_dim}{hint}")
         num_heads = model_dim // flags.head_dim
     else:
         num_heads = flags.num_heads
         if num_heads < 1:
-            raise FlagError(f"--num_heads must be >= 1 or -1 (derive), got {num_heads}")
+            raise UserError(f"--num_heads must be >= 1 or -1 (derive), got {num_heads}")
         if num_heads * flags.head_dim != model_dim:
-            raise FlagError(f"--model_dim {model_dim} is not num_heads × head_dim "
+            raise UserError(f"--model_dim {model_dim} is not num_heads × head_dim "
                             f"({num_heads} × {flags.head_dim} = {num_heads * flags.head_dim})")
     num_kv_heads = flags.num_kv_heads if flags.num_kv_heads != -1 else num_heads
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise FlagError(f"--num_kv_heads {num_kv_heads} must divide --num_heads {num_heads}")
+        raise UserError(f"--num_kv_heads {num_kv_heads} must divide --num_heads {num_heads}")
     if vocab_size < 1:
-        raise FlagError(f"vocab size must be >= 1, got {vocab_size}")
+        raise UserError(f"vocab size must be >= 1, got {vocab_size}")
     return GPTConfig(depth=flags.depth, model_dim=model_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=flags.head_dim, max_seq_len=flags.max_seq_len, vocab_size=vocab_size,
                      tie_embeddings=flags.tie_embeddings)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from nanochat.flags import FlagError
+from nanochat.common import UserError
 
 
 def warmup_warmdown(num_iterations: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2,
@@ -11,11 +11,11 @@ def warmup_warmdown(num_iterations: int, warmup_steps: int = 0, warmdown_ratio: 
     """Linear warm-up over `warmup_steps`, constant, then linear decay to `final_lr_frac` over the last
     `warmdown_ratio` of the run (the last step itself runs at final_lr_frac)."""
     if not 0.0 <= warmdown_ratio <= 1.0:
-        raise FlagError(f"--warmdown_ratio must be in [0, 1], got {warmdown_ratio}")
+        raise UserError(f"--warmdown_ratio must be in [0, 1], got {warmdown_ratio}")
     if warmup_steps < 0:
-        raise FlagError(f"--warmup_steps must be >= 0, got {warmup_steps}")
+        raise UserError(f"--warmup_steps must be >= 0, got {warmup_steps}")
     if final_lr_frac < 0:
-        raise FlagError(f"--final_lr_frac must be >= 0, got {final_lr_frac}")
+        raise UserError(f"--final_lr_frac must be >= 0, got {final_lr_frac}")
     warmdown_steps = round(warmdown_ratio * num_iterations)
 
     def lr_multiplier(step: int) -> float:

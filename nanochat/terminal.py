@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
-from nanochat.common import autodetect_device_type, resolve_dtype
+from nanochat.common import UserError, autodetect_device_type, resolve_dtype
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.flags import FlagError, RuntimeFlags, flag
+from nanochat.flags import RuntimeFlags, flag
 
 GRAY, DIM, BOLD, RESET = "\x1b[90m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
@@ -35,15 +35,15 @@ class SamplingFlags(RuntimeFlags):
 
     def __post_init__(self):
         if self.source not in CHECKPOINT_DIRS:
-            raise FlagError(f"--source must be one of {', '.join(CHECKPOINT_DIRS)}, got {self.source!r}")
+            raise UserError(f"--source must be one of {', '.join(CHECKPOINT_DIRS)}, got {self.source!r}")
         if self.max_tokens < 1:
-            raise FlagError(f"--max_tokens must be >= 1, got {self.max_tokens}")
+            raise UserError(f"--max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
-            raise FlagError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise FlagError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise UserError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise FlagError(f"--top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+            raise UserError(f"--top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
 
 
 def load_engine(flags: SamplingFlags) -> Engine:

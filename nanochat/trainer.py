@@ -11,7 +11,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage, load_checkpoint, load_model_state,
                                  remove_partial, restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import DistInfo, UserError, device_peak_flops, init_wandb, print0, resolve_dtype
-from nanochat.flags import FlagError, TrainFlags, flags_to_dict
+from nanochat.flags import TrainFlags
 
 LOSS_EMA_BETA = 0.9
 LOG_FILE = "train_log.jsonl"
@@ -68,7 +68,7 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
     hint = f"--total_batch_size {nearest_total}"
     if fits:
         hint += f" or --device_batch_size {fits[0]}"
-    raise FlagError(f"--total_batch_size {total_batch_size} is not a multiple of {per_micro} tokens per micro-step "
+    raise UserError(f"--total_batch_size {total_batch_size} is not a multiple of {per_micro} tokens per micro-step "
                     f"(device_batch_size {device_batch_size} × seq_len {seq_len} × {world_size} ranks); try {hint}")
 
 
@@ -197,7 +197,7 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    meta = {"flags": flags_to_dict(flags), **(meta or {})}
+    meta = {"flags": asdict(flags), **(meta or {})}
     log = TrainLog(checkpoint_dir, dist.is_master)
 
     state = LoopState()
@@ -207,7 +207,7 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
         log.truncate_after(start)
     start_step = state.step
     if start_step > num_iterations:
-        raise FlagError(f"the checkpoint is at step {start_step}, past --num_iterations {num_iterations}; "
+        raise UserError(f"the checkpoint is at step {start_step}, past --num_iterations {num_iterations}; "
                         "raise --num_iterations")
 
     compile_model = flags.compile if flags.compile is not None else device.type == "cuda"

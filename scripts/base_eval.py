@@ -12,10 +12,10 @@ from pathlib import Path
 
 from nanochat import report
 from nanochat.checkpoint import load_model, newest_tag, source_dir
-from nanochat.common import (autodetect_device_type, barrier, cleanup_distributed, get_base_dir, init_distributed,
-                             print0, resolve_dtype)
+from nanochat.common import (UserError, autodetect_device_type, barrier, cleanup_distributed, get_base_dir,
+                             init_distributed, print0, resolve_dtype)
 from nanochat.core_eval import bundle_dir, download_bundle, evaluate_core, load_bundle, write_results_csv
-from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
 
 
 @dataclass
@@ -30,9 +30,9 @@ class BaseEvalFlags(RuntimeFlags):
 
     def __post_init__(self):
         if self.max_per_task == 0 or self.max_per_task < -1:
-            raise FlagError(f"--max_per_task must be >= 1 or -1 (all), got {self.max_per_task}")
+            raise UserError(f"--max_per_task must be >= 1 or -1 (all), got {self.max_per_task}")
         if self.batch_size < 1:
-            raise FlagError(f"--batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch_size must be >= 1, got {self.batch_size}")
 
 
 def results_table(results: dict) -> str:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from nanochat import report
 from nanochat.checkpoint import load_model
-from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
+from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
-from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
 from nanochat.loss_eval import evaluate_bpb
 
 @dataclass
@@ -27,9 +27,9 @@ class BaseLossFlags(RuntimeFlags):
     def __post_init__(self):
         for name in ("device_batch_size", "split_tokens"):
             if getattr(self, name) < 1:
-                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_tokens < 0:
-            raise FlagError(f"--sample_tokens must be >= 0, got {self.sample_tokens}")
+            raise UserError(f"--sample_tokens must be >= 0, got {self.sample_tokens}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     seq_len = model.config.max_seq_len
     tokens_per_step = flags.device_batch_size * seq_len * dist.world_size
     if flags.split_tokens < tokens_per_step:
-        raise FlagError(f"--split_tokens {flags.split_tokens} is less than one step of device_batch_size × "
+        raise UserError(f"--split_tokens {flags.split_tokens} is less than one step of device_batch_size × "
                         f"max_seq_len × ranks = {tokens_per_step} tokens; use a multiple of {tokens_per_step}")
     num_steps = flags.split_tokens // tokens_per_step
     bpb = {}

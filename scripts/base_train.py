@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model
-from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
+from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
-from nanochat.flags import FlagError, TrainFlags, flag, parse_flags, run_main
+from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers
@@ -52,11 +52,11 @@ class BaseTrainFlags(ModelFlags, TrainFlags):
         super().__post_init__()
         for name in ("sample_every", "core_metric_every"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
-                raise FlagError(f"--{name} must be >= 1 or -1 (off), got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1 or -1 (off), got {getattr(self, name)}")
         if self.eval_tokens < 1:
-            raise FlagError(f"--eval_tokens must be >= 1, got {self.eval_tokens}")
+            raise UserError(f"--eval_tokens must be >= 1, got {self.eval_tokens}")
         if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
-            raise FlagError(f"--warmup_ratio + --warmdown_ratio must be in [0, 1], got "
+            raise UserError(f"--warmup_ratio + --warmdown_ratio must be in [0, 1], got "
                             f"{self.warmup_ratio} + {self.warmdown_ratio}")
 
 
@@ -69,9 +69,9 @@ def resolve_num_iterations(flags: BaseTrainFlags, num_params: int, flops_per_tok
         steps = round(flags.target_param_data_ratio * num_params / flags.total_batch_size)
         why = f"--target_param_data_ratio {flags.target_param_data_ratio:g}"
     else:
-        raise FlagError("set one of --num_iterations, --target_flops or --target_param_data_ratio")
+        raise UserError("set one of --num_iterations, --target_flops or --target_param_data_ratio")
     if steps < 1:
-        raise FlagError(f"{why} gives {steps} steps; raise it or lower --total_batch_size")
+        raise UserError(f"{why} gives {steps} steps; raise it or lower --total_batch_size")
     return steps, why
 
 

@@ -14,10 +14,10 @@ from nanochat import report
 from nanochat.chat_eval import (BASELINES, TASK_NAMES, GenerationSettings, build_task, chatcore,
                                 parse_task_names, run_categorical, run_generative)
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
-from nanochat.common import autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
+from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.core_eval import centered
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
 
 @dataclass
 class ChatEvalFlags(RuntimeFlags):
@@ -38,11 +38,11 @@ class ChatEvalFlags(RuntimeFlags):
     def __post_init__(self):
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_problems == 0 or self.max_problems < -1:
-            raise FlagError(f"-x/--max_problems must be >= 1 or -1 (all), got {self.max_problems}")
+            raise UserError(f"-x/--max_problems must be >= 1 or -1 (all), got {self.max_problems}")
         if self.num_samples > 1 and self.temperature == 0:
-            raise FlagError("-n > 1 with -t 0 samples the same completion n times; set -t (e.g. 0.8)")
+            raise UserError("-n > 1 with -t 0 samples the same completion n times; set -t (e.g. 0.8)")
         parse_task_names(self.task_name)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from nanochat import report
 from nanochat.chat_stage import StageFlags, examples_accum_steps, stage_optimizers, start_stage
-from nanochat.common import cleanup_distributed, print0
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.common import UserError, cleanup_distributed, print0
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, train
@@ -47,9 +47,9 @@ class RLFlags(StageFlags):
         super().__post_init__()
         for name in ("num_samples", "examples_per_step", "max_new_tokens", "eval_examples", "eval_samples"):
             if getattr(self, name) < 1:
-                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
-            raise FlagError(f"--temperature must be > 0 for sampling, got {self.temperature}")
+            raise UserError(f"--temperature must be > 0 for sampling, got {self.temperature}")
 
 
 def rl_task(flags: RLFlags, split: str) -> Task:

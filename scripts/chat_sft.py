@@ -18,9 +18,9 @@ from nanochat.chat_data import PaddedChatBatches, evaluate_chat_loss, loader_tot
 from nanochat.chat_eval import GenerationSettings, run_generative
 from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, examples_accum_steps, resolve_chat_data,
                                  stage_optimizers, start_stage)
-from nanochat.common import cleanup_distributed, print0
+from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.engine import Engine
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, train
 from tasks.arc import ARC
@@ -52,9 +52,9 @@ class SFTFlags(ChatTrainFlags):
     def __post_init__(self):
         super().__post_init__()
         if self.num_epochs < 1:
-            raise FlagError(f"--num_epochs must be >= 1, got {self.num_epochs}")
+            raise UserError(f"--num_epochs must be >= 1, got {self.num_epochs}")
         if self.chat_eval_every == 0 or self.chat_eval_every < -1:
-            raise FlagError(f"--chat_eval_every must be >= 1 or -1 (off), got {self.chat_eval_every}")
+            raise UserError(f"--chat_eval_every must be >= 1 or -1 (off), got {self.chat_eval_every}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import uvicorn
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
 from nanochat.common import UserError, autodetect_device_type, print0, resolve_dtype
-from nanochat.flags import FlagError, RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
 from nanochat.server import ServerSettings, create_app
 from nanochat.server.loading import load_workers
 
@@ -41,15 +41,15 @@ class ChatWebFlags(RuntimeFlags):
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
-            raise FlagError(f"--port must be 0..65535, got {self.port}")
+            raise UserError(f"--port must be 0..65535, got {self.port}")
         if self.num_gpus < 1:
-            raise FlagError(f"--num_gpus must be >= 1, got {self.num_gpus}")
+            raise UserError(f"--num_gpus must be >= 1, got {self.num_gpus}")
         if self.max_queue < 0:
-            raise FlagError(f"--max_queue must be >= 0, got {self.max_queue}")
+            raise UserError(f"--max_queue must be >= 0, got {self.max_queue}")
         if self.max_tokens < 1:
-            raise FlagError(f"--max_tokens must be >= 1, got {self.max_tokens}")
+            raise UserError(f"--max_tokens must be >= 1, got {self.max_tokens}")
         if self.step < -1:
-            raise FlagError(f"--step must be >= 0 or -1 (newest), got {self.step}")
+            raise UserError(f"--step must be >= 0 or -1 (newest), got {self.step}")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.common import UserError
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.hf_export import check_out_dir, export_hf
 
 
@@ -24,7 +25,7 @@ class ExportFlags:
 
     def __post_init__(self):
         if not self.out:
-            raise FlagError("--out is required: the directory to write the export into")
+            raise UserError("--out is required: the directory to write the export into")
 
 
 def main(argv=None) -> None:

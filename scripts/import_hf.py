@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.common import UserError
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.hf_import import import_hf
 
 
@@ -24,9 +25,9 @@ class ImportFlags:
 
     def __post_init__(self):
         if not self.model:
-            raise FlagError("--model is required: a Hugging Face model folder")
+            raise UserError("--model is required: a Hugging Face model folder")
         if not self.out_tag or "/" in self.out_tag or self.out_tag.startswith("."):
-            raise FlagError(f"--out_tag must be a plain directory name, got {self.out_tag!r}")
+            raise UserError(f"--out_tag must be a plain directory name, got {self.out_tag!r}")
 
 
 def main(argv=None) -> None:

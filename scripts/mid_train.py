@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from nanochat import report
 from nanochat.chat_data import PackedChatBatches, estimate_packed_rows, evaluate_chat_loss, loader_totals
 from nanochat.chat_stage import ChatTrainFlags, chat_mixture, resolve_chat_data, stage_optimizers, start_stage
-from nanochat.common import cleanup_distributed, print0
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.common import UserError, cleanup_distributed, print0
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.gsm8k import GSM8K
@@ -42,7 +42,7 @@ class MidFlags(ChatTrainFlags):
     def __post_init__(self):
         super().__post_init__()
         if self.num_epochs <= 0:
-            raise FlagError(f"--num_epochs must be > 0, got {self.num_epochs}")
+            raise UserError(f"--num_epochs must be > 0, got {self.num_epochs}")
 
 
 def main(argv: list[str] | None = None) -> None:

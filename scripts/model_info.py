@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
 from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory, meta_model
 
@@ -40,11 +40,11 @@ class ModelInfoFlags(ModelFlags):
     def __post_init__(self):
         for name in ("device_batch_size", "total_batch_size", "world_size"):
             if getattr(self, name) < 1:
-                raise FlagError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size == 0 or self.vocab_size < -1:
-            raise FlagError(f"--vocab_size must be >= 1 or -1 (the tokenizer's), got {self.vocab_size}")
+            raise UserError(f"--vocab_size must be >= 1 or -1 (the tokenizer's), got {self.vocab_size}")
         if self.vram_gb == 0 or self.vram_gb < -1:
-            raise FlagError(f"--vram_gb must be > 0 or -1 (off), got {self.vram_gb}")
+            raise UserError(f"--vram_gb must be > 0 or -1 (off), got {self.vram_gb}")
 
 
 def resolve_vocab(flags: ModelInfoFlags) -> tuple[int, str]:

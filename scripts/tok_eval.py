@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import tiktoken
 
 from nanochat import report
-from nanochat.common import get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, print0
 from nanochat.dataset import iter_text_batches
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.tokenizer import META_FILE, Tokenizer, get_tokenizer
 
 SAMPLES = {
@@ -62,7 +62,7 @@ class TokEvalFlags:
 
     def __post_init__(self):
         if self.max_chars == 0 or self.max_chars < -1:
-            raise FlagError(f"--max_chars must be >= 1 or -1 (all), got {self.max_chars}")
+            raise UserError(f"--max_chars must be >= 1 or -1 (all), got {self.max_chars}")
 
 
 def split_sample(split: str, max_chars: int) -> str:

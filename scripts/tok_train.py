@@ -18,9 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanochat import report
-from nanochat.common import get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, print0
 from nanochat.dataset import iter_text_batches, split_shards
-from nanochat.flags import FlagError, flag, parse_flags, run_main
+from nanochat.flags import flag, parse_flags, run_main
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -35,12 +35,12 @@ class TokTrainFlags:
     def __post_init__(self):
         smallest = 256 + len(SPECIAL_TOKENS)
         if self.vocab_size < smallest:
-            raise FlagError(f"--vocab_size must be >= {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+            raise UserError(f"--vocab_size must be >= {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
                             f"got {self.vocab_size}")
         for name in ("max_chars", "doc_cap"):
             value = getattr(self, name)
             if value == 0 or value < -1:
-                raise FlagError(f"--{name} must be >= 1 or -1 (no limit), got {value}")
+                raise UserError(f"--{name} must be >= 1 or -1 (no limit), got {value}")
 
 
 def training_texts(max_chars: int, doc_cap: int, progress: tqdm, counts: dict) -> Iterator[str]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                             flags.vocab_size)
     wall_time = time.time() - start
     if counts["chars"] == 0:
-        raise FlagError("the training shards hold no text; rebuild them (see `python -m nanochat.dataset --help`)")
+        raise UserError("the training shards hold no text; rebuild them (see `python -m nanochat.dataset --help`)")
 
     lengths = tok.token_bytes()[:tok.bos_token_id].float()
     stats = {

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model
-from nanochat.flags import FlagError, parse_flags
+from nanochat.common import UserError
+from nanochat.flags import parse_flags
 from scripts.base_train import BaseTrainFlags, main, resolve_num_iterations
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, read_losses, subprocess_env, torchrun_cmd
 
@@ -66,7 +67,7 @@ def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
     (["--resume", "--model_tag=never_trained"], "--resume found no complete checkpoint"),
 ])
 def test_bad_flags_name_the_fix(base, args, message):
-    with pytest.raises(FlagError, match=message):
+    with pytest.raises(UserError, match=message):
         main([*RUN_ARGS, "--num_iterations=2", *args])
 
 

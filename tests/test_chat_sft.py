@@ -8,8 +8,8 @@ import pytest
 
 from nanochat.chat_eval import GenerationSettings, run_generative
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model
+from nanochat.common import UserError
 from nanochat.engine import Engine
-from nanochat.flags import FlagError
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_sft import main
 from tasks.spellingbee import SimpleSpelling, words_from_texts
@@ -53,11 +53,11 @@ def test_sft_learns_to_spell_held_out_words(spelling_base, one_thread):  # noqa:
 
 def test_sft_batch_arithmetic_and_empty_mixture_errors(spelling_base):
     _, words_file = spelling_base
-    with pytest.raises(FlagError, match="--target_examples_per_step 30 is not a multiple of 4 .* try "
+    with pytest.raises(UserError, match="--target_examples_per_step 30 is not a multiple of 4 .* try "
                                         "--target_examples_per_step 32"):
         main(["--source", "base", *SYNTHETIC_OFF, "--simple_spelling", "10", "--words_file", str(words_file),
               "--target_examples_per_step", "30"])
-    with pytest.raises(FlagError, match="the mixture is empty"):
+    with pytest.raises(UserError, match="the mixture is empty"):
         main(["--source", "base", *SYNTHETIC_OFF, "--simple_spelling", "0"])
     with pytest.raises(SystemExit):  # argparse's one-line "invalid choice" error, exit 2
         main(["--source", "rl"])

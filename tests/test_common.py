@@ -11,7 +11,7 @@ import torch
 
 from nanochat import common
 from nanochat.common import UserError
-from nanochat.flags import FlagError, TrainFlags, flag, parse_flags
+from nanochat.flags import TrainFlags, flag, parse_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_flags_parse_types_bools_and_optionals():
 
 
 def test_flag_validation_raises_flag_error():
-    with pytest.raises(FlagError, match="--device_batch_size must be >= 1, got 0"):
+    with pytest.raises(UserError, match="--device_batch_size must be >= 1, got 0"):
         parse_flags(ExampleFlags, ["--device_batch_size", "0"])
 
 

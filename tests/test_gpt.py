@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nanochat.gpt as gpt_module
-from nanochat.flags import FlagError
+from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
 from tests.engine_helpers import perturb_projections
 
@@ -56,7 +56,7 @@ def test_ittybitty_shape_matches_design():
     (ModelFlags(depth=2, head_dim=7), "must be an even number"),
 ])
 def test_inconsistent_flags_name_the_fix(flags, message):
-    with pytest.raises(FlagError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model_config(flags, vocab_size=1000)
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from nanochat.checkpoint import checkpoint_dir, complete_steps, load_checkpoint
 from nanochat.common import UserError
-from nanochat.flags import FlagError
 from scripts.mid_train import main
 from tests.chat_fixtures import make_base_checkpoint, one_thread, train_tiny_tokenizer, write_jsonl  # noqa: F401
 from tests.test_tasks_chat import WORDS
@@ -59,7 +58,7 @@ def test_mid_train_one_epoch_by_default_and_lr_never_rises(mid_base):
 
 
 def test_mid_train_bad_batch_arithmetic_suggests_values(mid_base):
-    with pytest.raises(FlagError, match=r"--total_batch_size 100 is not a multiple of 96 .* try --total_batch_size 96"):
+    with pytest.raises(UserError, match=r"--total_batch_size 100 is not a multiple of 96 .* try --total_batch_size 96"):
         main(mid_base[:-6] + ["--total_batch_size", "100", "--chat_examples", "10"])
 
 

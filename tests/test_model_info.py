@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanochat.flags import FlagError
+from nanochat.common import UserError
 from nanochat.gpt import GPTConfig
 from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory
 from scripts.model_info import main
@@ -65,7 +65,7 @@ def test_ittybitty_report(capsys):
     (["--device_batch_size=0"], "--device_batch_size must be >= 1"),
 ])
 def test_bad_flags_name_the_fix(args, message):
-    with pytest.raises(FlagError, match=message):
+    with pytest.raises(UserError, match=message):
         main(["--vocab_size=1000", *args])
 
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from nanochat.flags import FlagError
+from nanochat.common import UserError
 from scripts.chat_web import main
 from tests.server_fixtures import LONG_WORD, REPO, ScriptServer, shared_server_base_dir
 
@@ -163,9 +163,9 @@ def test_script_errors_are_one_line(tmp_path, server):
 
 
 def test_bad_flags_name_the_fix():
-    with pytest.raises(FlagError, match="--num_gpus must be >= 1, got 0"):
+    with pytest.raises(UserError, match="--num_gpus must be >= 1, got 0"):
         main(["--num_gpus", "0"])
-    with pytest.raises(FlagError, match="--port must be 0..65535"):
+    with pytest.raises(UserError, match="--port must be 0..65535"):
         main(["--port", "70000"])
 
 

@@ -13,7 +13,7 @@ import torch
 
 from nanochat.checkpoint import complete_steps, create_model
 from nanochat.common import DistInfo, UserError, init_distributed
-from nanochat.flags import FlagError, TrainFlags, flag, parse_flags
+from nanochat.flags import TrainFlags, flag, parse_flags
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, TrainingDiverged, grad_accum_steps, train
@@ -178,7 +178,7 @@ def test_custom_loss_fn_drives_training(rows, tmp_path):
     (200, 4, 2, "try --total_batch_size 256$"),
 ])
 def test_batch_arithmetic_names_the_fix(total, device_batch, world, message):
-    with pytest.raises(FlagError, match=message):
+    with pytest.raises(UserError, match=message):
         grad_accum_steps(total, device_batch, 32, world)
 
 
