@@ -2,10 +2,10 @@
 
     python -m bench.interop [--docs 400] [--vocab_size 8192] [--steps 5]
 
-1. Encoding: a tokenizer trained here on shard text, exported to HF `tokenizers` (hf_export) and wrapped in
-   `HFTokenizer` (what an imported model uses), encodes `--docs` real documents in one batch call; the
-   reference is our tiktoken-backed Tokenizer on the same documents. Prints docs/s for both and the ratio, and
-   checks the ids are identical.
+1. Encoding: a tokenizer trained here on shard text, exported to HF `tokenizers` (hf_export) and held as an
+   `HFEncoding` by our Tokenizer (what an imported model uses), encodes `--docs` real documents in one batch
+   call; the reference is our tiktoken-backed Tokenizer on the same documents. Prints docs/s for both and the
+   ratio, and checks the ids are identical.
 2. Model: forward + backward of a d4/dim256 model with the Llama switches (SwiGLU at the same parameter count,
    learnable norms, no QK-norm) against the default architecture at the same size. Prints tokens/s and ratio.
 """
@@ -20,7 +20,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf_export import build_hf_tokenizer
-from nanochat.hf_import import HFTokenizer
+from nanochat.encoding import HFEncoding
 from nanochat.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,12 +39,12 @@ def bench_encoding(docs: int, vocab_size: int) -> None:
     train = pq.read_table(SHARED / "pretrain" / "shard_00000.parquet").column("text").to_pylist()[:1500]
     texts = pq.read_table(SHARED / "pretrain" / "shard_00001.parquet").column("text").to_pylist()[:docs]
     ours = Tokenizer.train_from_iterator(train, vocab_size)
-    adapter = HFTokenizer(build_hf_tokenizer(ours), ours.special_tokens)
+    adapter = Tokenizer(HFEncoding(build_hf_tokenizer(ours), ours.special_tokens))
     if adapter.encode(texts) != ours.encode(texts):
         raise SystemExit("the adapter's ids differ from ours")
     reference = best_of(3, lambda: ours.encode(texts))
     measured = best_of(3, lambda: adapter.encode(texts))
-    print(f"encode {docs} docs: tiktoken Tokenizer {docs / reference:,.0f} docs/s, HFTokenizer "
+    print(f"encode {docs} docs: tiktoken Tokenizer {docs / reference:,.0f} docs/s, HFEncoding "
           f"{docs / measured:,.0f} docs/s, ratio HF/ours {reference / measured:.2f}x")
 
 

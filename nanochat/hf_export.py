@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.common import UserError
+from nanochat.encoding import BYTE_TO_CHAR
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -65,22 +66,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes are shifted
-    to code points 256.. in order, so every byte sequence is a printable string."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
 
 
 def byte_level(token: bytes) -> str:

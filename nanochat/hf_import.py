@@ -7,9 +7,10 @@ embeddings. Llama in transformers rotates with the same half-split convention as
 over as they are; NanoChat's are sign-flipped back (see hf_export). Anything else (biases, rope scaling,
 sliding windows, other activations) is refused with a line that says why.
 
-The tokenizer comes from the checkpoint's `tokenizer.json`, wrapped by `HFTokenizer` behind our Tokenizer
-interface. A base dir holds one tokenizer, so the import installs it as `<base>/tokenizer/hf_tokenizer.json`
-(+ `hf_special_tokens.json`), and `nanochat.tokenizer.get_tokenizer()` returns an `HFTokenizer` from then on.
+The tokenizer comes from the checkpoint's `tokenizer.json`: our Tokenizer holding an `HFEncoding`
+(nanochat.encoding). A base dir holds one tokenizer, so the import installs it as
+`<base>/tokenizer/hf_tokenizer.json` (+ `hf_special_tokens.json`), and `nanochat.tokenizer.get_tokenizer()`
+returns it from then on.
 Our chat format needs nanochat's special tokens: `<|bos|>` maps to the model's BOS, `<|assistant_end|>` to its
 EOS, and the others (unless the vocabulary has them by name) are appended after the model's vocabulary, their
 embedding and output rows copied from the EOS token's. So they only tie with EOS (which, lower id, wins a
@@ -26,100 +27,19 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, build_model, checkpoint_dir, complete_steps, save_checkpoint
-from nanochat.common import UserError, atomic_write, get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, print0
 from nanochat.gpt import GPTConfig
-from nanochat.hf_export import BYTE_TO_CHAR, flip_rotary_halves
-from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS, Tokenizer
-
-HF_TOKENIZER_FILE = "hf_tokenizer.json"
-HF_SPECIALS_FILE = "hf_special_tokens.json"
-CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
+from nanochat.encoding import RANKS_FILE, SPECIAL_TOKENS, HFEncoding, hf_vocab_size, is_hf_encoding_dir
+from nanochat.hf_export import flip_rotary_halves
+from nanochat.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The tokenizer adapter
-
-class HFEncoding:
-    """The slice of tiktoken.Encoding that Tokenizer's methods use, backed by an HF `tokenizers` Tokenizer."""
-
-    def __init__(self, core: HFTokenizerCore):
-        self.core = core
-        # special-token text typed by a user stays plain text, as with our own tokenizer
-        self.core.encode_special_tokens = True
-        self.n_vocab = max(max(core.get_vocab(with_added_tokens=True).values()) + 1,
-                           core.get_vocab_size(with_added_tokens=True))
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return self.core.encode(text, add_special_tokens=False).ids
-
-    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return [e.ids for e in self.core.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.core.decode(list(ids), skip_special_tokens=False)
-
-
-class HFTokenizer(Tokenizer):
-    """An imported model's tokenizer with our Tokenizer's interface: `encode` (str or list, prepend/append),
-    `decode`, `encode_special`, `bos_token_id`, `vocab_size`, `token_bytes`, `render_conversation`,
-    `render_for_completion`, `save`/`load`. Chat rendering is Tokenizer's own code over this encoding.
-    It cannot be trained (`train_from_iterator` is our BPE trainer's)."""
-
-    def __init__(self, core: HFTokenizerCore, special_tokens: dict[str, int]):
-        self.mergeable_ranks = None  # no tiktoken ranks: this tokenizer is not ours to export
-        self.pattern = None
-        self.stats = {}
-        self.core = core
-        self.enc = HFEncoding(core)
-        self.special_tokens = dict(special_tokens)
-        self.bos_token_id = self.special_tokens["<|bos|>"]
-
-    @classmethod
-    def train_from_iterator(cls, *args, **kwargs):
-        raise UserError("an imported Hugging Face tokenizer cannot be retrained; use nanochat's Tokenizer")
-
-    def token_bytes(self) -> torch.Tensor:
-        """UTF-8 byte length per token (byte-level vocabularies read exactly), 0 for special tokens."""
-        lengths = [0] * self.vocab_size
-        specials = {t.content for t in self.core.get_added_tokens_decoder().values() if t.special}
-        for token, token_id in self.core.get_vocab(with_added_tokens=False).items():
-            if token in specials:
-                continue
-            if all(char in CHAR_TO_BYTE for char in token):
-                lengths[token_id] = len(token)
-            else:
-                lengths[token_id] = len(self.core.decode([token_id]).encode("utf-8"))
-        return torch.tensor(lengths, dtype=torch.long)
-
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / HF_TOKENIZER_FILE, self.core.to_str())
-        atomic_write(directory / HF_SPECIALS_FILE, json.dumps(self.special_tokens, indent=2) + "\n")
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> HFTokenizer:
-        directory = Path(directory)
-        try:
-            core = HFTokenizerCore.from_file(str(directory / HF_TOKENIZER_FILE))
-            specials = json.loads((directory / HF_SPECIALS_FILE).read_text(encoding="utf-8"))
-        except Exception as exc:  # tokenizers raises a bare Exception for a bad file, json a ValueError
-            raise UserError(f"the imported tokenizer in {directory} is damaged ({exc}); import the model again "
-                            "(python -m scripts.import_hf)") from exc
-        missing = [name for name in SPECIAL_TOKENS if name not in specials]
-        if missing:
-            raise UserError(f"{directory / HF_SPECIALS_FILE} lacks {', '.join(missing)}; import the model again")
-        return cls(core, specials)
-
-
-def is_hf_tokenizer_dir(directory: Path) -> bool:
-    return (Path(directory) / HF_TOKENIZER_FILE).is_file()
-
+# The tokenizer
 
 def adapt_tokenizer(tokenizer_json: str, bos_id: int | None, eos_id: int | None,
-                    model_vocab: int) -> tuple[HFTokenizer, list[str]]:
-    """Our special tokens on top of an HF tokenizer. Returns the adapter and the names appended at
+                    model_vocab: int) -> tuple[Tokenizer, list[str]]:
+    """Our special tokens on top of an HF tokenizer. Returns the tokenizer and the names appended at
     `model_vocab`, `model_vocab + 1`, ... (the model must grow rows for them)."""
     data = json.loads(tokenizer_json)
     core = HFTokenizerCore.from_str(tokenizer_json)
@@ -128,8 +48,8 @@ def adapt_tokenizer(tokenizer_json: str, bos_id: int | None, eos_id: int | None,
         specials["<|bos|>"] = bos_id
     if eos_id is not None:
         specials["<|assistant_end|>"] = eos_id
-    if HFEncoding(core).n_vocab > model_vocab:
-        raise UserError(f"tokenizer.json has {HFEncoding(core).n_vocab} tokens but the model's vocab_size is "
+    if hf_vocab_size(core) > model_vocab:
+        raise UserError(f"tokenizer.json has {hf_vocab_size(core)} tokens but the model's vocab_size is "
                         f"{model_vocab}; they do not belong together")
     added = []
     next_id = model_vocab
@@ -150,7 +70,7 @@ def adapt_tokenizer(tokenizer_json: str, bos_id: int | None, eos_id: int | None,
     for name in added:
         if core.token_to_id(name) != specials[name]:
             raise UserError(f"could not add {name} to the imported tokenizer at id {specials[name]}")
-    return HFTokenizer(core, specials), added
+    return Tokenizer(HFEncoding(core, specials)), added
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,15 +217,16 @@ def special_id(model_dir: Path, hf: dict, core: HFTokenizerCore, kind: str) -> i
 # ---------------------------------------------------------------------------------------------------------
 # The import
 
-def install_tokenizer(tokenizer: HFTokenizer) -> Path:
+def install_tokenizer(tokenizer: Tokenizer) -> Path:
     """Make `tokenizer` the base dir's tokenizer; refuses to replace a different one."""
     directory = get_base_dir() / "tokenizer"
     if (directory / RANKS_FILE).is_file():
         raise UserError(f"{directory} already holds a nanochat-trained tokenizer and a base dir has one tokenizer; "
                         "import into a fresh base dir (set NANOCHAT_BASE_DIR)")
-    if is_hf_tokenizer_dir(directory):
-        existing = HFTokenizer.load(directory)
-        if existing.core.to_str() != tokenizer.core.to_str() or existing.special_tokens != tokenizer.special_tokens:
+    if is_hf_encoding_dir(directory):
+        existing = HFEncoding.load(directory)
+        if existing.core.to_str() != tokenizer.encoding.core.to_str() \
+                or existing.special_tokens != tokenizer.special_tokens:
             raise UserError(f"{directory} already holds another imported tokenizer; import into a fresh base dir "
                             "(set NANOCHAT_BASE_DIR)")
         return directory
@@ -313,7 +234,7 @@ def install_tokenizer(tokenizer: HFTokenizer) -> Path:
 
 
 def load_hf_model(model_dir: str | Path, device="cpu"):
-    """(GPT in eval mode, HFTokenizer, transformers config dict) from a Hugging Face model folder."""
+    """(GPT in eval mode, Tokenizer with an HFEncoding, transformers config dict) from a Hugging Face model folder."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} is not a directory")

@@ -1,11 +1,8 @@
 """The tokenizer: trained with rustbpe, run with tiktoken, plus special tokens and chat rendering.
 
-Training learns byte-level BPE merges in Rust (`rustbpe`); encoding and decoding go through a
-`tiktoken.Encoding` built from the learned ranks, which is fast and battle-tested. On disk a tokenizer is
-two files in one directory (never pickle):
-
-    tokenizer.tiktoken   tiktoken's own rank format: one `base64(token bytes) rank` per line
-    tokenizer.json       split pattern, special tokens with ids, vocab size, training stats
+Training learns byte-level BPE merges in Rust (`rustbpe`); encoding and decoding go through the encoding the
+tokenizer holds (nanochat.encoding): tiktoken over the learned ranks, or an imported model's Hugging Face
+tokenizer. On disk a tokenizer is its encoding's files in one directory (never pickle).
 
 Ids 0..255 are bytes, then the merges, then the special tokens. Text is always encoded as ordinary text:
 special-token text typed by a user stays plain bytes; special ids only enter through `encode_special`,
@@ -13,54 +10,35 @@ special-token text typed by a user stays plain bytes; special ids only enter thr
 """
 from __future__ import annotations
 
-import base64
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import rustbpe
-import tiktoken
 import torch
 
 from nanochat.common import UserError, get_base_dir
-
-SPECIAL_TOKENS = [
-    "<|bos|>",  # every document starts with it
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # a tool call the assistant writes
-    "<|output_start|>", "<|output_end|>",  # the tool's output, written by the engine, not trained on
-]
+from nanochat.encoding import SPECIAL_TOKENS, HFEncoding, TiktokenEncoding, load_encoding
 
 SPLIT_PATTERN = rustbpe.DEFAULT_PATTERN
-RANKS_FILE = "tokenizer.tiktoken"
-META_FILE = "tokenizer.json"
-TRAIN_HINT = "train one with `python -m scripts.tok_train`"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    # rename last: a crash mid-write must leave the old file intact
-    os.replace(tmp, path)
 
 
 class Tokenizer:
-    """A tiktoken encoding with nanochat's special tokens and chat format."""
+    """An encoding (nanochat's own or an imported one) with nanochat's special tokens and chat format."""
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, stats: dict | None = None):
-        num_ranks = len(mergeable_ranks)
-        self.mergeable_ranks = mergeable_ranks
-        self.pattern = pattern
-        self.stats = dict(stats or {})
-        self.special_tokens = {name: num_ranks + i for i, name in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                                     special_tokens=self.special_tokens)
+    def __init__(self, encoding: TiktokenEncoding | HFEncoding):
+        self.encoding = encoding
+        self.special_tokens = encoding.special_tokens
         self.bos_token_id = self.special_tokens["<|bos|>"]
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int] | None:
+        """tiktoken's ranks (bytes -> id); None for an imported tokenizer, which is not ours to export."""
+        return self.encoding.mergeable_ranks if isinstance(self.encoding, TiktokenEncoding) else None
+
+    @property
+    def pattern(self) -> str | None:
+        """The split pattern of a nanochat-trained tokenizer; None for an imported one."""
+        return self.encoding.pattern if isinstance(self.encoding, TiktokenEncoding) else None
 
     # -----------------------------------------------------------------------------------------------------
     # Training, saving, loading
@@ -84,52 +62,26 @@ class Tokenizer:
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         ranks = dict(trainer.get_mergeable_ranks())
-        return cls(ranks, pattern, {"requested_vocab_size": vocab_size})
+        return cls(TiktokenEncoding(ranks, pattern, {"requested_vocab_size": vocab_size}))
 
     def save(self, directory: str | Path) -> Path:
-        """Write tokenizer.tiktoken + tokenizer.json into `directory` (created if needed), atomically."""
+        """Write the encoding's files into `directory` (created if needed), atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        ranks = self.mergeable_ranks
-        lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-                 for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
-        _atomic_write_text(directory / RANKS_FILE, "".join(lines))
-        meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.vocab_size,
-                "num_merges": len(ranks) - 256, "stats": self.stats}
-        _atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+        self.encoding.save(directory)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         """Read a tokenizer saved by `save`; a missing or damaged file is a UserError that names it."""
-        directory = Path(directory)
-        ranks_path, meta_path = directory / RANKS_FILE, directory / META_FILE
-        for path in (ranks_path, meta_path):
-            if not path.is_file():
-                raise UserError(f"no tokenizer at {directory} ({path.name} is missing); {TRAIN_HINT}")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            pattern = meta["pattern"]
-            special_tokens = meta["special_tokens"]
-            stats = meta.get("stats", {})
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{meta_path} is damaged ({exc}); {TRAIN_HINT} to rebuild it") from exc
-        ranks = _read_ranks(ranks_path)
-        expected = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        if special_tokens != expected:
-            raise UserError(f"{meta_path} lists special tokens {special_tokens}, but this nanochat expects "
-                            f"{expected}; {TRAIN_HINT} to rebuild it")
-        try:
-            return cls(ranks, pattern, stats)
-        except ValueError as exc:
-            raise UserError(f"{meta_path} is damaged ({exc}); {TRAIN_HINT} to rebuild it") from exc
+        return cls(load_encoding(Path(directory)))
 
     # -----------------------------------------------------------------------------------------------------
     # Vocabulary
 
     @property
     def vocab_size(self) -> int:
-        return self.enc.n_vocab
+        return self.encoding.n_vocab
 
     def encode_special(self, name: str) -> int:
         """The id of a special token such as "<|assistant_end|>"."""
@@ -140,10 +92,7 @@ class Tokenizer:
 
     def token_bytes(self) -> torch.Tensor:
         """Byte length of every token (int64, length vocab_size); 0 for special tokens. For bits-per-byte."""
-        lengths = [0] * self.vocab_size
-        for token, rank in self.mergeable_ranks.items():
-            lengths[rank] = len(token)
-        return torch.tensor(lengths, dtype=torch.long)
+        return torch.tensor(self.encoding.token_bytes(), dtype=torch.long)
 
     # -----------------------------------------------------------------------------------------------------
     # Encoding and decoding
@@ -160,14 +109,14 @@ class Tokenizer:
         head = [] if prepend is None else [self._special_id(prepend)]
         tail = [] if append is None else [self._special_id(append)]
         if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
+            return head + self.encoding.encode_ordinary(text) + tail
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-        return [head + ids + tail for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+        return [head + ids + tail for ids in self.encoding.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     def decode(self, ids: list[int]) -> str:
         """Ids back to text; bytes that are not valid UTF-8 on their own become U+FFFD."""
-        return self.enc.decode(list(ids))
+        return self.encoding.decode(list(ids))
 
     # -----------------------------------------------------------------------------------------------------
     # Chat rendering
@@ -191,12 +140,12 @@ class Tokenizer:
         for i, message in enumerate(_normalized_messages(conversation)):
             if message["role"] == "user":
                 add(special["<|user_start|>"], 0)
-                add(self.enc.encode_ordinary(message["content"]), 0)
+                add(self.encoding.encode_ordinary(message["content"]), 0)
                 add(special["<|user_end|>"], 0)
                 continue
             add(special["<|assistant_start|>"], 0)
             for part in _assistant_parts(message["content"], i):
-                text_ids = self.enc.encode_ordinary(part["text"])
+                text_ids = self.encoding.encode_ordinary(part["text"])
                 if part["type"] == "text":
                     add(text_ids, 1)
                 elif part["type"] == "python":
@@ -222,24 +171,6 @@ class Tokenizer:
             raise UserError("render_for_completion needs a conversation that ends with a user message")
         ids, _ = self.render_conversation({**conversation, "messages": messages}, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
-
-
-def _read_ranks(path: Path) -> dict[bytes, int]:
-    try:
-        lines = path.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); {TRAIN_HINT} to rebuild it") from exc
-    ranks: dict[bytes, int] = {}
-    for line_number, line in enumerate(lines, start=1):
-        try:
-            token, rank = line.split(" ")
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError as exc:
-            raise UserError(f"{path} is damaged at line {line_number} ({exc}); {TRAIN_HINT} to rebuild it") from exc
-    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
-        raise UserError(f"{path} is damaged (ranks are not 0..n-1 over at least 256 tokens); {TRAIN_HINT} "
-                        f"to rebuild it")
-    return ranks
 
 
 def _normalized_messages(conversation: dict) -> list[dict]:
@@ -278,9 +209,4 @@ def _assistant_parts(content, index: int) -> list[dict]:
 
 def get_tokenizer() -> Tokenizer:
     """The tokenizer in `$NANOCHAT_BASE_DIR/tokenizer`: ours, or an imported model's (nanochat.hf_import)."""
-    directory = get_base_dir() / "tokenizer"
-    from nanochat.hf_import import HFTokenizer, is_hf_tokenizer_dir  # lazy: hf_import imports this module
-
-    if is_hf_tokenizer_dir(directory):
-        return HFTokenizer.load(directory)
-    return Tokenizer.load(directory)
+    return Tokenizer.load(get_base_dir() / "tokenizer")

@@ -17,8 +17,9 @@ import tiktoken
 from nanochat import report
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.dataset import iter_text_batches
+from nanochat.encoding import META_FILE
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.tokenizer import META_FILE, Tokenizer, get_tokenizer
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 SAMPLES = {
     "prose": (

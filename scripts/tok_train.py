@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         "token_bytes_mean": round(float(lengths.mean()), 3),
         "token_bytes_max": int(lengths.max()),
     }
-    tok.stats.update(stats)
+    tok.encoding.stats.update(stats)
     tok.save(output_dir)
     for key, value in stats.items():
         print0(f"{key}: {value}")

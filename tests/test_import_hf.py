@@ -18,7 +18,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from nanochat.checkpoint import load_model  # noqa: E402
 from nanochat.common import UserError  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.hf_import import HFTokenizer, import_hf  # noqa: E402
+from nanochat.encoding import HFEncoding  # noqa: E402
+from nanochat.hf_import import import_hf  # noqa: E402
 from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer  # noqa: E402
 from scripts import import_hf as import_script  # noqa: E402
@@ -85,7 +86,7 @@ def test_imported_llama_matches_transformers_logits_and_greedy_tokens(llama_fact
     directory, reference = llama_factory(tie)
     import_script.main(["--model", str(directory), "--out_tag", "tiny-llama"])
     model, tokenizer, meta = load_model("base", "cpu", tag="tiny-llama")
-    assert isinstance(tokenizer, HFTokenizer) and meta["hf_model_type"] == "llama"
+    assert isinstance(tokenizer.encoding, HFEncoding) and meta["hf_model_type"] == "llama"
     vocab = reference.config.vocab_size
 
     ids = tokenizer.encode(shard_texts[70], prepend="<|bos|>")[:96]
