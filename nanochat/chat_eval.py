@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from nanochat.common import UserError, print0
 from nanochat.core_eval import centered
+from nanochat.engine import fit_prompt
 from tasks.common import Task
 
 TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
@@ -98,7 +99,7 @@ def run_categorical(model, tokenizer, task: Task, device, max_problems: int = -1
     correct = 0
     for b in tqdm(range(0, len(indices), batch_size), desc=type(task).__name__, disable=not progress):
         conversations = [task[i] for i in indices[b:b + batch_size]]
-        prompts = [tokenizer.render_for_completion(c)[-max_seq_len:] for c in conversations]
+        prompts = [fit_prompt(tokenizer.render_for_completion(c), max_seq_len, 0)[0] for c in conversations]
         width = max(len(p) for p in prompts)
         inputs = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -120,15 +121,13 @@ def run_generative(engine, tokenizer, task: Task, settings: GenerationSettings, 
     if max_new_tokens < settings.max_new_tokens:
         print0(f"note: --max_new_tokens {settings.max_new_tokens} capped at {max_new_tokens} "
                f"(half of the model's {context}-token context)")
-    budget = context - max_new_tokens
     indices = problem_indices(task, max_problems, rank, world_size)
     solved = 0
     for i in tqdm(indices, desc=type(task).__name__, disable=not progress):
         conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)[-budget:]
-        results, _ = engine.generate_batch(prompt, num_samples=settings.num_samples,
-                                           max_tokens=max_new_tokens, temperature=settings.temperature,
-                                           top_k=settings.top_k, seed=i)
+        prompt, budget = fit_prompt(tokenizer.render_for_completion(conversation), context, max_new_tokens)
+        results, _ = engine.generate_batch(prompt, num_samples=settings.num_samples, max_tokens=budget,
+                                           temperature=settings.temperature, top_k=settings.top_k, seed=i)
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         solved += any(task.evaluate(conversation, completion) for completion in completions)
     return sum_over_ranks(solved, len(indices), engine.device)

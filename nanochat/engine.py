@@ -349,6 +349,20 @@ def assistant_parts(tokenizer, tokens: list[int]) -> list[dict]:
     return parts
 
 
+def fit_prompt(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """Crop a long prompt to leave room to answer: the one cropping rule every caller shares.
+
+    Room is `max_new_tokens` or half the context, whichever is less (0 for a forward pass that only reads the
+    last position). A longer prompt keeps its first token (the BOS every training row starts with) and drops
+    the oldest ones after it. Returns (prompt, new-token budget); the answer's last token is never fed back,
+    so prompt + budget may be max_seq_len + 1.
+    """
+    keep = max_seq_len - min(max_new_tokens, max_seq_len // 2)
+    if len(prompt) > keep:
+        prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]
+    return prompt, min(max_new_tokens, max_seq_len - len(prompt) + 1)
+
+
 # Fixed prompts for a quick look at what a base model has learned (base_train's samples, base_loss's report).
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -356,12 +370,12 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 def greedy_samples(model, tokenizer, max_tokens: int = 16, prompts: list[str] = SAMPLE_PROMPTS) -> list[str]:
-    """Each prompt followed by its greedy continuation; a tiny context crops the prompt from the left."""
+    """Each prompt followed by its greedy continuation; a tiny context crops the prompt (fit_prompt)."""
     engine = Engine(model, tokenizer)
-    max_tokens = min(max_tokens, model.config.max_seq_len // 2)
     samples = []
     for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)[-(model.config.max_seq_len - max_tokens):]
-        results, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
+        tokens, budget = fit_prompt(tokenizer.encode(prompt, prepend=tokenizer.bos_token_id),
+                                    model.config.max_seq_len, max_tokens)
+        results, _ = engine.generate_batch(tokens, max_tokens=budget, temperature=0.0)
         samples.append(prompt + tokenizer.decode(results[0][len(tokens):]))
     return samples

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat_data import IGNORE
-from nanochat.engine import Engine
+from nanochat.engine import Engine, fit_prompt
 from tasks.common import Task
 
 
@@ -79,14 +79,6 @@ def policy_gradient_loss(model, batch) -> torch.Tensor:
     log_probs = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target is IGNORE
     sampled = (targets != IGNORE).sum().clamp(min=1)
     return -(log_probs * advantages[:, None].to(log_probs.dtype)).sum() / sampled
-
-
-@torch.no_grad()
-def fit_prompt(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int]:
-    """Crop a long prompt from the left so at least half the context (or max_new_tokens) is left to answer in;
-    the answer's last token is never fed back, so prompt + budget may be max_seq_len + 1."""
-    prompt = prompt[-(max_seq_len - min(max_new_tokens, max_seq_len // 2)):]
-    return prompt, min(max_new_tokens, max_seq_len - len(prompt) + 1)
 
 
 def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_tokens: int, temperature: float,

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, resolve_dtype
-from nanochat.engine import Engine, StreamDecoder
+from nanochat.engine import Engine, StreamDecoder, fit_prompt
 from nanochat.flags import RuntimeFlags, flag
 
 GRAY, DIM, BOLD, RESET = "\x1b[90m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
@@ -58,16 +58,11 @@ def load_engine(flags: SamplingFlags) -> Engine:
 
 
 def crop_to_context(tokens: list[int], max_seq_len: int, max_tokens: int) -> tuple[list[int], str | None]:
-    """Drop the oldest tokens (keeping the first, the BOS) so the prompt leaves room to answer.
-
-    Room means `max_tokens` or half the context, whichever is less. Returns the tokens and a notice, or None
-    when nothing was cut.
-    """
-    budget = max_seq_len - min(max_tokens, max_seq_len // 2)
-    if len(tokens) <= budget:
+    """The prompt cropped by `engine.fit_prompt`, and a notice for the screen (None when nothing was cut)."""
+    kept, _ = fit_prompt(tokens, max_seq_len, max_tokens)
+    if len(kept) == len(tokens):
         return tokens, None
-    kept = tokens[:1] + tokens[len(tokens) - budget + 1:]
-    notice = (f"(the prompt is {len(tokens)} tokens; kept the first and the last {budget - 1} to fit the "
+    notice = (f"(the prompt is {len(tokens)} tokens; kept the first and the last {len(kept) - 1} to fit the "
               f"{max_seq_len}-token context)")
     return kept, notice
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_parts, sample_next_token
+from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_parts, fit_prompt, sample_next_token
 from tests.engine_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from tests.engine_helpers import (TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer,
                                   train_tool_caller)
@@ -252,3 +252,13 @@ def test_assistant_parts_round_trips_through_rendering(tokenizer):
     ids, _ = tokenizer.render_conversation(conversation)
     start = ids.index(tokenizer.encode_special("<|assistant_start|>")) + 1
     assert assistant_parts(tokenizer, ids[start:]) == content
+
+
+def test_fit_prompt_keeps_bos_and_the_newest_tokens():
+    prompt = list(range(100))  # 0 stands for the BOS
+    assert fit_prompt(prompt, max_seq_len=32, max_new_tokens=8) == ([0] + list(range(77, 100)), 8)
+    kept, budget = fit_prompt(prompt, max_seq_len=32, max_new_tokens=1000)  # room is capped at half the context
+    assert kept == [0] + list(range(85, 100)) and budget == 17
+    kept, budget = fit_prompt(prompt, max_seq_len=32, max_new_tokens=0)  # a forward pass only: the whole context
+    assert kept == [0] + list(range(69, 100)) and budget == 0
+    assert fit_prompt(prompt[:10], max_seq_len=32, max_new_tokens=100) == (prompt[:10], 23)
