@@ -66,8 +66,7 @@ def page(browser, server):
     browser.get(f"{server.url}/")
     browser.execute_script("localStorage.clear();")
     set_settings(browser, max_tokens=12)
-    browser.refresh()
-    wait(browser, lambda d: d.find_element(By.ID, "model-name").text.startswith("nanochat-"))
+    reload(browser)
     browser.get_log("browser")  # drop messages from earlier pages
     yield browser
     # HTTP error statuses are logged by Chromium as "network" entries; the error test provokes one on purpose
@@ -83,6 +82,12 @@ def set_settings(driver, **overrides) -> None:
 def wait(driver, condition, timeout: float = 20):
     return WebDriverWait(driver, timeout, poll_frequency=0.02,
                          ignored_exceptions=[StaleElementReferenceException]).until(condition)
+
+
+def reload(driver) -> None:
+    """Reload and wait for the model name, the last thing the page fills in when it starts."""
+    driver.refresh()
+    wait(driver, lambda d: d.find_element(By.ID, "model-name").text.startswith("nanochat-"))
 
 
 def messages(driver) -> list[tuple[str, str]]:
@@ -128,7 +133,7 @@ def screenshot(driver, name: str) -> Path:
 
 def test_send_streams_the_reply(page):
     set_settings(page, max_tokens=1500)
-    page.refresh()
+    reload(page)
     send(page, "hi there")
     lengths = set()
     wait(page, lambda d: not idle(d))
@@ -143,7 +148,7 @@ def test_send_streams_the_reply(page):
 
 def test_stop_aborts_and_frees_the_worker(page, server):
     set_settings(page, max_tokens=7000)
-    page.refresh()
+    reload(page)
     before = stats(server)["requests_cancelled"]
     send(page, "go on forever")
     wait(page, lambda d: len(messages(d)[-1][1]) > 20)
@@ -194,7 +199,7 @@ def test_history_survives_reload(page):
     send_and_wait(page, "remember this chat")
     page.find_element(By.ID, "new-chat").click()
     send_and_wait(page, "and this one")
-    page.refresh()
+    reload(page)
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
     titles = [li.text for li in page.find_elements(By.CSS_SELECTOR, "#history li .open")]
     assert titles == ["and this one", "remember this chat"]
@@ -223,7 +228,7 @@ def test_model_output_renders_as_text_never_html(page):
                                  {"role": "assistant", "content": XSS_REPLY}]}
     page.execute_script("localStorage.setItem('nanochat.conversations', arguments[0]);"
                         "localStorage.setItem('nanochat.current', '\"cxss\"');", json.dumps([conversation]))
-    page.refresh()
+    reload(page)
     wait(page, lambda d: len(messages(d)) == 2)
     reply = page.find_element(By.CSS_SELECTOR, ".message.assistant .content")
     assert page.execute_script("return window.__xss") is None
@@ -267,7 +272,7 @@ def test_sse_parser_handles_split_lines_and_utf8(page):
 
 def test_server_errors_are_shown_readably(page):
     set_settings(page, max_tokens=100000)
-    page.refresh()
+    reload(page)
     send(page, "too long")
     banner = wait(page, lambda d: d.find_element(By.ID, "error-banner") if d.find_element(
         By.ID, "error-banner").is_displayed() else False)
@@ -289,7 +294,7 @@ def test_phone_width_and_dark_theme(page):
     send_and_wait(page, "Tell me about **markdown** on a phone")
     page.execute_script("localStorage.setItem('nanochat.theme', '\"dark\"');")
     page.set_window_size(390, 844)
-    page.refresh()
+    reload(page)
     wait(page, lambda d: len(messages(d)) == 2)
     assert page.execute_script("return document.documentElement.dataset.theme") == "dark"
     background = page.execute_script("return getComputedStyle(document.body).backgroundColor")
@@ -304,7 +309,7 @@ def test_phone_width_and_dark_theme(page):
     screenshot(page, "ui-phone-dark-drawer.png")
     page.set_window_size(1280, 860)
     page.execute_script("localStorage.setItem('nanochat.theme', '\"light\"');")
-    page.refresh()
+    reload(page)
     wait(page, lambda d: len(messages(d)) == 2)
     screenshot(page, "ui-desktop-light.png")
 
@@ -339,7 +344,6 @@ def test_api_key_from_settings(browser, server_root):
         assert banner
         assert browser.find_element(By.CSS_SELECTOR, "#error-banner .text").text.startswith("Error 401:")
         set_settings(browser, api_key="ui-secret")
-        browser.refresh()
-        wait(browser, lambda d: d.find_element(By.ID, "model-name").text.startswith("nanochat-"))
+        reload(browser)
         browser.find_element(By.CSS_SELECTOR, ".message.assistant .regenerate").click()
         wait(browser, lambda d: messages(d) == [("user", "hello?"), ("assistant", LONG_WORD * 12)] and idle(d))

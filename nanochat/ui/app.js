@@ -442,7 +442,8 @@ async function loadModelName() {
     ui.model.textContent = card.id;
     ui.model.title = `source ${card.source ?? "?"} · tag ${card.tag ?? "?"} · step ${card.step ?? "?"} · ` +
       `context ${card.max_seq_len} tokens`;
-    renderMessages();
+    // relabel in place: re-rendering would replace message nodes under the user (an open editor, a selection)
+    for (const role of ui.messages.querySelectorAll(".message.assistant .role")) role.textContent = modelName;
   } catch {
     ui.model.textContent = "server unreachable";
     setTimeout(loadModelName, 5000);
