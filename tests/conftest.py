@@ -1,6 +1,7 @@
 """Fixtures every test file may use: an isolated base dir, the shared real data, a loopback file server."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,17 @@ def file_server():
     yield start
     for server in servers:
         server.__exit__(None, None, None)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end (after pytest's own summary) that groups the skips by reason, so a skip that should
+    not happen on this machine stands out."""
+    yield
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.write_line("skipped: " + "; ".join(f"{count} × {reason}"
+                                                            for reason, count in reasons.most_common()))

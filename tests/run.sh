@@ -15,11 +15,16 @@ echo "== rustbpe: cargo fmt / clippy / test"
     cargo test --quiet
 )
 
-# The UI tests drive Debian's chromium; as root with apt, install it once (they skip, saying why, without it).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing chromium + chromium-driver for the UI tests"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-        || echo "warning: installing chromium failed; the UI tests will be skipped"
+# Tools the tests drive: chromium + chromedriver (UI), shellcheck (lint of the shell scripts), tmux (interactive
+# CLIs). As root with apt, install the missing ones once; without them those tests skip, saying why.
+missing=()
+for tool in chromium:chromium chromedriver:chromium-driver shellcheck:shellcheck tmux:tmux; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing ${missing[*]} for the tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+        || echo "warning: installing ${missing[*]} failed; the tests that need them will be skipped"
 fi
 
 echo "== pytest"
