@@ -33,6 +33,7 @@ from nanochat.checkpoint import CHECKPOINT_DIRS, load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.flags import flag, parse_flags
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.server.completions import sse_failure
 from nanochat.server.generation import SamplingParams, Step, run_generation
 from nanochat.server.loading import cpu_threads_per_worker
 from nanochat.tokenizer import Tokenizer
@@ -115,13 +116,18 @@ def server_streams(url: str, clients: int, max_tokens: int) -> list[StreamTiming
             start = time.perf_counter()
             first = None
             tokens = 0
+            lines = []
             with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
+                    lines.append(line)
                     if '"content": "' in line and '"content": ""' not in line:
                         first = first or time.perf_counter()
                     if '"usage": {' in line:
                         tokens = int(re.search(r'"completion_tokens": (\d+)', line).group(1))
             end = time.perf_counter()
+        failure = sse_failure(lines)
+        if failure:
+            raise RuntimeError(f"a benchmark stream failed: {failure}")
         return StreamTiming(first - start, (tokens - 1) / (end - first))
 
     return run_concurrently(clients, one)

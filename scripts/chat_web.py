@@ -38,6 +38,9 @@ class ChatWebFlags(RuntimeFlags):
     cors_origins: list[str] = flag([], "browser origins allowed to call the API (e.g. http://localhost:3000); "
                                        "none = CORS off")
     log_dir: str = flag("", "append every conversation as JSONL here; empty = nothing is logged")
+    allowed_hosts: list[str] = flag([], "Host names served without --api_key besides 127.0.0.1, localhost and "
+                                        "[::1] (e.g. the name of this machine); other names get 400")
+    max_body_bytes: int = flag(4 << 20, "request bodies larger than this many bytes get 413 before they are read")
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -48,6 +51,8 @@ class ChatWebFlags(RuntimeFlags):
             raise UserError(f"--max_queue must be >= 0, got {self.max_queue}")
         if self.max_tokens < 1:
             raise UserError(f"--max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_body_bytes < 1:
+            raise UserError(f"--max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.step < -1:
             raise UserError(f"--step must be >= 0 or -1 (newest), got {self.step}")
 
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(device_type, flags.dtype)
     settings = ServerSettings(api_key=flags.api_key or os.environ.get(API_KEY_ENV) or None,
                               cors_origins=flags.cors_origins, max_queue=flags.max_queue,
-                              default_max_tokens=flags.max_tokens,
+                              default_max_tokens=flags.max_tokens, allowed_hosts=flags.allowed_hosts,
+                              max_body_bytes=flags.max_body_bytes,
                               log_dir=Path(flags.log_dir) if flags.log_dir else None)
     load_errors: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
            f"({flags.source} checkpoint on {device_type}, {flags.num_gpus} worker(s)"
            f"{', API key required' if settings.api_key else ''})")
     if flags.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        print0(f"warning: listening on {flags.host} without --api_key: anyone who can reach this port can use it")
+        print0(f"warning: listening on {flags.host} without --api_key: anyone who can reach this port can use it "
+               "(under a Host name listed in --allowed_hosts)")
     server.run(sockets=[sock])
     if load_errors:
         error = load_errors[0]

@@ -83,6 +83,43 @@ def checkpoint_loader(root: Path, source: str, num_workers: int = 1):
     return load
 
 
+class FailingEngine:
+    """A real Engine whose generations raise after `after_steps` steps, as a device fault mid-reply would."""
+
+    def __init__(self, engine, after_steps: int):
+        self.engine = engine
+        self.after_steps = after_steps
+
+    def generate(self, *args, **kwargs):
+        return FailingGeneration(self.engine.generate(*args, **kwargs), self.after_steps)
+
+
+class FailingGeneration:
+    def __init__(self, generation, after_steps: int):
+        self.generation = generation
+        self.after_steps = after_steps
+
+    def __getattr__(self, name: str):
+        return getattr(self.generation, name)
+
+    def __iter__(self):
+        for step, columns in enumerate(self.generation):
+            if step == self.after_steps:
+                raise RuntimeError("injected fault mid-generation")
+            yield columns
+
+
+def failing_loader(root: Path, source: str, after_steps: int):
+    load = checkpoint_loader(root, source)
+
+    def load_failing():
+        model = load()
+        for worker in model.workers:
+            worker.engine = FailingEngine(worker.engine, after_steps)
+        return model
+    return load_failing
+
+
 def wait_healthy(url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

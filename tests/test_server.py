@@ -10,10 +10,11 @@ import openai
 import pytest
 
 from nanochat.server import ServerSettings, create_app
+from nanochat.server.completions import sse_failure
 from nanochat.server.generation import ReplyText
 from nanochat.tokenizer import Tokenizer
-from tests.server_fixtures import (CHAT_CONTEXT, LONG_WORD, ThreadServer, checkpoint_loader, serve_checkpoint,
-                                   shared_server_base_dir, wait_healthy)
+from tests.server_fixtures import (CHAT_CONTEXT, LONG_WORD, ThreadServer, checkpoint_loader, failing_loader,
+                                   serve_checkpoint, shared_server_base_dir, wait_healthy)
 
 HI = [{"role": "user", "content": "hello there"}]
 
@@ -274,6 +275,69 @@ def test_api_key(server_root):
         assert httpx.get(f"{server.url}/stats").status_code == 401
         no_header = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"})
         assert no_header.status_code == 401 and no_header.json()["error"]["code"] == "invalid_api_key"
+        # the key is checked before the body is read or parsed: malformed and oversized bodies get 401 too
+        malformed = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json",
+                               headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"})
+        assert malformed.status_code == 401, malformed.text
+        oversized = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (8 << 20))
+        assert oversized.status_code == 401, oversized.text
+
+
+def test_body_over_max_body_bytes_is_413(server_root):
+    fits = {"prompt": "x", "max_tokens": 1, "user": "u" * 100}
+    with serve_checkpoint(server_root, "sft", max_body_bytes=len(json.dumps(fits)) + 10) as server:
+        assert post(server, "/v1/completions", fits).status_code == 200
+        for headers in ({}, {"Transfer-Encoding": "chunked"}):
+            body = json.dumps({**fits, "user": "u" * 200}).encode()
+            content = iter([body]) if headers else body  # a generator is sent chunked, without Content-Length
+            response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=30,
+                                  headers={"Content-Type": "application/json"})
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+            assert "--max_body_bytes" in error["message"]
+
+
+HOSTS_SERVED = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]", "[::1]:8000"]
+
+
+def test_host_header_is_checked_without_an_api_key(server_root, chat_server):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1; its requests carry that Host."""
+    for host in HOSTS_SERVED:
+        assert httpx.get(f"{chat_server.url}/v1/models", headers={"Host": host}).status_code == 200, host
+    for host in ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.", ""]:
+        for path in ["/", "/health", "/v1/models"]:
+            refused = httpx.get(f"{chat_server.url}{path}", headers={"Host": host})
+            assert refused.status_code == 400, (host, path)
+            assert refused.json()["error"]["code"] == "host_not_allowed"
+        refused = post(chat_server, "/v1/chat/completions", chat(max_tokens=1), headers={"Host": host})
+        assert refused.status_code == 400 and "--allowed_hosts" in refused.json()["error"]["message"]
+    with serve_checkpoint(server_root, "mid", allowed_hosts=["Chat.LAN"]) as server:
+        assert httpx.get(f"{server.url}/health", headers={"Host": "chat.lan:8000"}).status_code == 200
+        assert httpx.get(f"{server.url}/health", headers={"Host": "other.lan"}).status_code == 400
+    with serve_checkpoint(server_root, "mid", api_key="k") as server:  # a rebound page cannot know the key
+        assert httpx.get(f"{server.url}/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_generation_failing_mid_stream_ends_with_an_error_and_no_done(server_root):
+    with ThreadServer(create_app(failing_loader(server_root, "base", after_steps=3), ServerSettings())) as server:
+        wait_healthy(server.url)
+        body = {"prompt": "x", "max_tokens": 20, "temperature": 0, "stream": True}
+        response = post(server, "/v1/completions", body)
+        assert response.status_code == 200
+        events = sse_events(response)
+        assert "[DONE]" not in events
+        *chunks, last = events
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == LONG_WORD * 3
+        assert last["error"]["code"] == "generation_failed" and "RuntimeError" in last["error"]["message"]
+        assert "injected" not in last["error"]["message"]  # the exception text stays in the server log
+        assert sse_failure(response.text.splitlines()).startswith("error event")
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError, match="generation failed"):
+            list(client.completions.create(model="m", prompt="x", max_tokens=20, stream=True))
+        whole = post(server, "/v1/completions", {**body, "stream": False})
+        assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"
+        assert post(server, "/v1/completions", {**body, "max_tokens": 3}).status_code == 200  # the worker survived
 
 
 def test_cors_only_for_listed_origins(server_root, chat_server):
@@ -318,9 +382,10 @@ def test_health_is_503_while_loading_then_ok(server_root):
         assert httpx.get(f"{server.url}/v1/models").status_code == 200
 
 
-def test_failed_load_is_reported(server_root, tmp_path):
+@pytest.mark.parametrize("api_key", [None, "k"])
+def test_failed_load_is_reported(server_root, tmp_path, api_key):
     errors = []
-    app = create_app(checkpoint_loader(tmp_path, "sft"), ServerSettings(), on_load_error=errors.append)
+    app = create_app(checkpoint_loader(tmp_path, "sft"), ServerSettings(api_key=api_key), on_load_error=errors.append)
     with ThreadServer(app) as server:
         for _ in range(200):
             if errors:
@@ -328,7 +393,12 @@ def test_failed_load_is_reported(server_root, tmp_path):
             threading.Event().wait(0.02)
         health = httpx.get(f"{server.url}/health")
         assert health.status_code == 503 and health.json()["status"] == "error"
-        assert "no checkpoints" in health.json()["message"]
+        if api_key is None:
+            assert "no checkpoints" in health.json()["message"]
+        else:  # the exception text (paths, settings) only for a caller holding the key
+            assert str(tmp_path) not in health.text and "server log" in health.json()["message"]
+            keyed = httpx.get(f"{server.url}/health", headers={"Authorization": "Bearer k"})
+            assert "no checkpoints" in keyed.json()["message"]
     assert len(errors) == 1
 
 

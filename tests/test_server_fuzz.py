@@ -9,6 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from nanochat.server.completions import sse_failure
 from tests.server_fixtures import serve_checkpoint, shared_server_base_dir
 
 EXAMPLES_PER_OPERATION = 12
@@ -32,7 +33,7 @@ def check_response(response) -> None:
         assert isinstance(error["message"], str) and error["message"]
         assert set(error) == {"message", "type", "param", "code"}
     elif "text/event-stream" in str(response.headers.get("content-type")):
-        assert response.text.endswith("data: [DONE]\n\n"), response.text[-300:]
+        assert sse_failure(response.text.splitlines()) is None, response.text[-300:]
     else:
         json.loads(response.text)
 

@@ -103,6 +103,10 @@ def test_full_queue_gets_429_and_health_stays_fast(server):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="m", prompt="x", max_tokens=5, stream=True)
+        # turned away before it is tokenized (a tokenized one would get the context-length 400): a full queue
+        # bounds the CPU spent on prompts too
+        over_context = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x " * 100_000}, timeout=10)
+        assert over_context.status_code == 429, over_context.text
         latencies = []
         with httpx.Client(timeout=5) as probe:  # one client: building one per call costs ~40 ms by itself
             for _ in range(10):
@@ -140,6 +144,43 @@ def test_abandoned_non_stream_request_frees_its_worker(server):
     assert after["workers_free"] == WORKERS
 
 
+HUGE_BODY_BYTES = 200 << 20
+
+
+def huge_body():
+    """200 MB in 1 MiB pieces, made as they are sent: the client never holds the body."""
+    piece = b" " * (1 << 20)
+    for _ in range(HUGE_BODY_BYTES >> 20):
+        yield piece
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_huge_body_is_refused_quickly_and_memory_stays_flat(server, declared):
+    pid = server.process.pid
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark, so VmHWM below is the peak during this request
+    rss_before = peak_rss_bytes(pid)
+    headers = {"Content-Type": "application/json"}
+    if declared:
+        headers["Content-Length"] = str(HUGE_BODY_BYTES)
+    started = time.monotonic()
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=huge_body(), headers=headers, timeout=60)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 413, response.text[:300]
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert elapsed < 30, f"refusing took {elapsed:.1f}s"
+    growth = peak_rss_bytes(pid) - rss_before
+    assert growth < 32 << 20, f"the server's RSS peaked {growth >> 20} MiB above where it was"
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
 def run_script(*args: str, env_root=None) -> subprocess.CompletedProcess:
     env = None if env_root is None else {**os.environ, "NANOCHAT_BASE_DIR": str(env_root)}
     return subprocess.run([sys.executable, "-m", "scripts.chat_web", *args], cwd=REPO, env=env,
@@ -167,6 +208,8 @@ def test_bad_flags_name_the_fix():
         main(["--num_gpus", "0"])
     with pytest.raises(UserError, match="--port must be 0..65535"):
         main(["--port", "70000"])
+    with pytest.raises(UserError, match="--max_body_bytes must be >= 1, got 0"):
+        main(["--max_body_bytes", "0"])
 
 
 def test_queued_client_that_leaves_frees_its_place(server):

@@ -7,7 +7,6 @@ Nothing is loaded at import time.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -21,12 +20,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from nanochat.server.errors import APIError, install_error_handlers
+from nanochat.server.guard import RequestGuard, key_matches
 from nanochat.server.generation import Outcome, SamplingParams
 from nanochat.server.completions import SSE_HEADERS, Generation, Shape, collect, stream
 from nanochat.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -43,6 +43,8 @@ class ServerSettings:
     max_queue: int = 16  # requests that may wait for a worker; one more gets 429
     default_max_tokens: int = 1024  # when a request names none (still capped by the context left)
     log_dir: Path | None = None  # conversation log (JSONL per day); None = nothing is logged
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served without a key, besides loopback
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are read
 
 
 @dataclass
@@ -105,17 +107,12 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
     app = FastAPI(title="nanochat", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat and completion API for a nanochat checkpoint")
     install_error_handlers(app)
+    # added before CORS, so CORS wraps it and answers a browser's preflight (which carries no key) itself
+    app.add_middleware(RequestGuard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts,
+                       max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-
-    def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
 
     def ready() -> tuple[LoadedModel, WorkerPool]:
         if state["model"] is None:
@@ -139,9 +136,19 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
                               seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
                               stops=body.stop, num_samples=body.n)
 
-    async def serve(request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool, logged: dict):
+    async def serve(request: Request, body: SamplingRequest, tokenize: Callable[[object], list[int]], chat: bool,
+                    logged: dict):
         model, pool = ready()
-        params = sampling_params(body, len(prompt_ids), model.max_seq_len, "messages" if chat else "prompt")
+        generation = Generation(pool, request)
+        if not await generation.acquire():
+            return Response(status_code=CLIENT_GONE)
+        try:
+            # tokenized only once a worker is ours, off the event loop: max_queue then bounds this CPU work too
+            prompt_ids = await asyncio.to_thread(tokenize, model.tokenizer)
+            params = sampling_params(body, len(prompt_ids), model.max_seq_len, "messages" if chat else "prompt")
+        except BaseException:
+            generation.close()
+            raise
         shape = Shape(chat=chat, model_id=model.model_id)
 
         def on_finish(texts: list[str], outcome: Outcome) -> None:
@@ -149,9 +156,7 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
                 conversation_log.write({"time": datetime.now(timezone.utc).isoformat(), "id": shape.request_id,
                                         **logged, "replies": texts, "completion_tokens": outcome.completion_tokens})
 
-        generation = Generation(pool, request, prompt_ids, params)
-        if not await generation.start():
-            return Response(status_code=CLIENT_GONE)
+        generation.start(prompt_ids, params)
         if body.stream:
             return StreamingResponse(stream(generation, shape, body.include_usage(), on_finish),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
@@ -165,38 +170,37 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
     app.mount("/ui", StaticFiles(directory=ui_dir()), name="ui")
 
     @app.get("/health", summary="200 once the model is loaded, 503 while loading or after a failed load")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         if state["model"] is not None:
             return JSONResponse({"status": "ok"})
         if state["error"] is not None:
-            return JSONResponse({"status": "error", "message": str(state["error"])}, status_code=503)
+            # the exception text may name paths and settings: only a caller holding the key (if one is set) sees it
+            message = str(state["error"]) if key_matches(settings.api_key, request.headers) else "the model failed to load; see the server log"
+            return JSONResponse({"status": "error", "message": message}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)], summary="the loaded checkpoint")
+    @app.get("/v1/models", summary="the loaded checkpoint")
     async def list_models() -> dict:
         model, _ = ready()
         card = {"id": model.model_id, "object": "model", "created": int(state["started"]), "owned_by": "nanochat",
                 "max_seq_len": model.max_seq_len, **model.info}
         return {"object": "list", "data": [card]}
 
-    @app.get("/stats", dependencies=[Depends(require_key)], summary="workers, queue, requests served, tokens/s")
+    @app.get("/stats", summary="workers, queue, requests served, tokens/s")
     async def stats() -> dict:
         _, pool = ready()
         return pool.stats() | {"uptime_seconds": round(time.time() - state["started"], 1)}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)], summary="OpenAI chat completions")
+    @app.post("/v1/chat/completions", summary="OpenAI chat completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model, _ = ready()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        # off the event loop: a long conversation takes a while to tokenize
-        prompt_ids = await asyncio.to_thread(model.tokenizer.render_for_completion, {"messages": messages})
-        return await serve(request, body, prompt_ids, chat=True, logged={"messages": messages})
+        return await serve(request, body, lambda tokenizer: tokenizer.render_for_completion({"messages": messages}),
+                           chat=True, logged={"messages": messages})
 
-    @app.post("/v1/completions", dependencies=[Depends(require_key)], summary="raw text completion (base models)")
+    @app.post("/v1/completions", summary="raw text completion (base models)")
     async def completions(body: CompletionRequest, request: Request):
-        model, _ = ready()
-        tokenizer = model.tokenizer
-        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, prepend=tokenizer.bos_token_id)
-        return await serve(request, body, prompt_ids, chat=False, logged={"prompt": body.prompt})
+        return await serve(request, body, lambda tokenizer: tokenizer.encode(body.prompt,
+                                                                           prepend=tokenizer.bos_token_id),
+                           chat=False, logged={"prompt": body.prompt})
 
     return app

@@ -12,8 +12,9 @@ from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
 
+from nanochat.server.errors import APIError
 from nanochat.server.generation import Outcome, SamplingParams, Step
-from nanochat.server.workers import WorkerPool
+from nanochat.server.workers import Worker, WorkerPool
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -60,6 +61,18 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def sse_failure(lines: list[str]) -> str | None:
+    """The client's view of `stream()`'s contract: why an SSE body did not complete (an error event, or no
+    [DONE] at the end), or None when it did. The soak, the fuzzers and bench/server.py judge streams by it."""
+    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    for event in events:
+        if event != "[DONE]" and "error" in json.loads(event):
+            return f"error event: {event[:300]}"
+    if not events or events[-1] != "[DONE]":
+        return f"ended without [DONE]: {events[-3:]}"
+    return None
+
+
 async def wait_for_disconnect(request: Request) -> None:
     """Returns when the client has gone (the body is already read, so the next ASGI message is the disconnect)."""
     while True:
@@ -69,20 +82,22 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 class Generation:
-    """A started generation: steps and the final Outcome arrive on `events`; `stop()` cancels it."""
+    """One request's generation: `acquire()` takes a worker (or waits, or 429s), `start()` runs on it; steps and
+    the final Outcome arrive on `events`; `stop()` cancels it and `close()` also gives back an unused worker."""
 
-    def __init__(self, pool: WorkerPool, request: Request, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, pool: WorkerPool, request: Request):
         self.pool = pool
         self.request = request
-        self.prompt_ids = prompt_ids
-        self.params = params
+        self.prompt_ids: list[int] = []
+        self.params: SamplingParams | None = None
         self.events: asyncio.Queue[Step | Outcome | None] = asyncio.Queue()
+        self.worker: Worker | None = None
         self.cancel = None
         self.watcher: asyncio.Task | None = None
         self.outcome: Outcome | None = None  # set when the generation ends; stays None if the client left first
 
-    async def start(self) -> bool:
-        """Take a worker and start; False if the client left while queued. Raises 429 when the queue is full."""
+    async def acquire(self) -> bool:
+        """Take a worker; False if the client left while queued. Raises 429 when the queue is full."""
         self.watcher = asyncio.ensure_future(wait_for_disconnect(self.request))
         acquiring = asyncio.ensure_future(self.pool.acquire())
         await asyncio.wait({acquiring, self.watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -91,14 +106,16 @@ class Generation:
             await asyncio.gather(acquiring, return_exceptions=True)
             return False
         try:
-            worker = acquiring.result()  # re-raises the 429
+            self.worker = acquiring.result()  # re-raises the 429
         except BaseException:
             self.close()
             raise
-        self.cancel = self.pool.start(worker, self.prompt_ids, self.params,
-                                      self.events.put_nowait, self.events.put_nowait)
-        self.watcher.add_done_callback(lambda _: self.on_client_gone())
         return True
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.prompt_ids, self.params = prompt_ids, params
+        self.cancel = self.pool.start(self.worker, prompt_ids, params, self.events.put_nowait, self.events.put_nowait)
+        self.watcher.add_done_callback(lambda _: self.on_client_gone())
 
     def on_client_gone(self) -> None:
         if self.watcher is not None and not self.watcher.cancelled():
@@ -111,6 +128,9 @@ class Generation:
 
     def close(self) -> None:
         self.stop()
+        if self.worker is not None and self.cancel is None:  # acquired but never started: the pool gets it back
+            self.pool.release(self.worker)
+            self.worker = None
         if self.watcher is not None and not self.watcher.done():
             self.watcher.cancel()
 
@@ -142,7 +162,8 @@ async def collect(generation: Generation, shape: Shape, on_finish: Callable[[lis
     if outcome is None:
         return None
     if outcome.error is not None:
-        raise outcome.error
+        raise APIError(500, f"generation failed: {type(outcome.error).__name__}; see the server log",
+                       code="generation_failed")
     on_finish(texts, outcome)
     body = shape.envelope([shape.whole_choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))], False)
     body["usage"] = usage(len(generation.prompt_ids), outcome.completion_tokens)
@@ -151,7 +172,8 @@ async def collect(generation: Generation, shape: Shape, on_finish: Callable[[lis
 
 async def stream(generation: Generation, shape: Shape, include_usage: bool,
                  on_finish: Callable[[list[str], Outcome], None]) -> AsyncIterator[str]:
-    """SSE: a role chunk (chat), content deltas, a finish chunk per choice, the usage chunk if asked, [DONE]."""
+    """SSE: a role chunk (chat), content deltas, a finish chunk per choice, the usage chunk if asked, [DONE].
+    A generation that fails ends with one error event instead of the usage chunk and [DONE]."""
     texts = [""] * generation.params.num_samples
     extra = {"usage": None} if include_usage else {}
     try:
@@ -172,13 +194,14 @@ async def stream(generation: Generation, shape: Shape, include_usage: bool,
         if outcome is None:
             return
         if outcome.error is not None:
-            yield sse({"error": {"message": f"generation failed: {type(outcome.error).__name__}: {outcome.error}",
-                                 "type": "server_error", "param": None, "code": None}})
-        else:
-            on_finish(texts, outcome)
-            if include_usage:
-                yield sse(shape.envelope([], True) | {"usage": usage(len(generation.prompt_ids),
-                                                                    outcome.completion_tokens)})
+            # an error event and no [DONE]: clients (the openai library, the soak) then see a failure, not an end
+            yield sse({"error": {"message": f"generation failed: {type(outcome.error).__name__}; see the server log",
+                                 "type": "server_error", "param": None, "code": "generation_failed"}})
+            return
+        on_finish(texts, outcome)
+        if include_usage:
+            yield sse(shape.envelope([], True) | {"usage": usage(len(generation.prompt_ids),
+                                                                outcome.completion_tokens)})
         yield sse("[DONE]")
     finally:
         generation.close()

@@ -7,6 +7,7 @@ Tool-use tokens the model emits are rendered as markdown code fences, so a reply
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ TOOL_TOKEN_TEXT = {
     "<|output_start|>": "\n```output\n",
     "<|output_end|>": "\n```\n",
 }
+logger = logging.getLogger("nanochat.server")
 OTHER_SPECIAL_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>")
 
 
@@ -121,7 +123,8 @@ def run_generation(engine, tokenizer, prompt_ids: list[int], params: SamplingPar
                     done.add(i)
             emit(step)
         outcome.completion_tokens = sum(generation.num_generated)
-    except Exception as exc:  # reported to the client as an error; the worker must survive it
+    except Exception as exc:  # the client gets an error naming its type; the worker must survive it
+        logger.exception("generation failed")
         outcome.error = exc
     finally:
         if generation is not None:

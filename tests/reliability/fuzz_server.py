@@ -2,8 +2,8 @@
 
 Each input becomes a structured request (roles, contents with special-token text and odd Unicode, parameters of
 right and wrong types) sent to the real app in process, plus a conversation rendered by the real tokenizer. A 5xx
-reply, or any exception but the documented `UserError`, is a crash. Bounded: `python -m tests.reliability.fuzz_server
--runs=N -seed=S` (libFuzzer flags); test_fuzz_harnesses.py runs it.
+reply, a stream that does not end with [DONE], or any exception but the documented `UserError`, is a crash.
+Bounded: `python -m tests.reliability.fuzz_server -runs=N -seed=S` (libFuzzer flags); test_fuzz_harnesses.py runs it.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 with atheris.instrument_imports(include=["nanochat"]):  # coverage for our code only: instrumenting torch takes minutes
     from nanochat.common import UserError
     from nanochat.server import ServerSettings, create_app
+    from nanochat.server.completions import sse_failure
     from nanochat.tokenizer import Tokenizer
 
 from tests.server_fixtures import build_server_base_dir, checkpoint_loader
@@ -79,7 +80,8 @@ class Target:
         # libFuzzer exits the process itself, so the caller's directory ($NANOCHAT_FUZZ_DIR) is cleaned by the caller
         root = build_server_base_dir(Path(os.environ.get("NANOCHAT_FUZZ_DIR") or tempfile.mkdtemp(prefix="fuzz_")))
         self.client = TestClient(create_app(checkpoint_loader(root, "sft"),
-                                            ServerSettings(max_queue=4, default_max_tokens=2)))
+                                            ServerSettings(max_queue=4, default_max_tokens=2)),
+                                 base_url="http://localhost")  # a loopback Host: the server refuses others
         self.client.__enter__()
         deadline = time.monotonic() + 60
         while self.client.get("/health").status_code != 200:
@@ -99,6 +101,10 @@ class Target:
         response = self.client.post(path, content=raw, headers={"content-type": "application/json"})
         if response.status_code >= 500:
             raise AssertionError(f"{path} answered {response.status_code} to {raw[:300]!r}: {response.text[:300]}")
+        if "text/event-stream" in response.headers.get("content-type", ""):
+            failure = sse_failure(response.text.splitlines())
+            if failure:
+                raise AssertionError(f"{path} stream for {raw[:300]!r} did not complete: {failure}")
 
         try:
             self.tokenizer.render_conversation({"messages": messages}, max_tokens=64)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nanochat.server.completions import sse_failure
 from tests.server_fixtures import CHAT_CONTEXT, ScriptServer, shared_server_base_dir
 
 SOAK_SECONDS = float(os.environ.get("NANOCHAT_SOAK_SECONDS", "120"))
@@ -63,8 +64,9 @@ class Soak:
                            json=chat("tell me a story", max_tokens=rng.randint(4, 24), stream=True)) as response:
             lines = list(response.iter_lines())
             self.record("stream", response.status_code)
-            if response.status_code == 200 and "data: [DONE]" not in lines:
-                self.failures.append(f"stream: ended without [DONE]: {lines[-3:]}")
+            failure = sse_failure(lines) if response.status_code == 200 else None
+            if failure:
+                self.failures.append(f"stream: {failure}")
 
     def disconnecting(self, client: httpx.Client, rng: random.Random) -> None:
         with client.stream("POST", f"{self.url}/v1/completions",
