@@ -1,4 +1,4 @@
-"""Generation: a preallocated KV cache, sampling, stop rules, the calculator tool, and streaming text.
+"""Generation: the model's inference cache (`model.new_cache`), sampling, stop rules, the calculator tool, and streaming text.
 
     engine = Engine(model, tokenizer)
     generation = engine.generate(prompt_ids, num_samples=2, max_tokens=64, temperature=0.8, seed=1)
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanochat.attention import KVCache
 from nanochat.calculator import calculate
 from nanochat.common import UserError
 
@@ -31,49 +32,6 @@ STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 # never spans more than this many tokens; longer undecodable tails are invalid bytes and are emitted as U+FFFD.
 MAX_TOKENS_PER_CHAR = 4
 FINISHED = -1  # token and mask value a row reports after it has stopped
-
-
-class KVCache:
-    """Keys and values for every layer, preallocated for `capacity` positions; only the kv heads are stored.
-
-    Speaks the protocol in `nanochat.gpt`: the model asks `get_pos()` for its rotary offset and calls
-    `insert_kv(layer, k, v)` per layer; the position advances after the last layer. Storage is allocated on the
-    first insert so it takes the dtype the model actually computes in (autocast included).
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, capacity: int):
-        self.num_layers, self.batch_size, self.capacity = num_layers, batch_size, capacity
-        self.keys: torch.Tensor | None = None  # (layers, B, kv_heads, capacity, head_dim)
-        self.values: torch.Tensor | None = None
-        self.pos = 0
-
-    def get_pos(self) -> int:
-        return self.pos
-
-    def allocate(self, like: torch.Tensor) -> None:
-        _, num_kv_heads, _, head_dim = like.shape
-        shape = (self.num_layers, self.batch_size, num_kv_heads, self.capacity, head_dim)
-        self.keys = torch.empty(shape, dtype=like.dtype, device=like.device)
-        self.values = torch.empty_like(self.keys)
-
-    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
-            self.allocate(k)
-        end = self.pos + k.size(2)
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions, asked to write up to {end}")
-        self.keys[layer_idx, :, :, self.pos:end] = k
-        self.values[layer_idx, :, :, self.pos:end] = v
-        if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
-
-    def fill_from(self, prefill: KVCache) -> None:
-        """Copy a batch-1 prefill into every row, so N samples share one prompt forward pass."""
-        self.allocate(prefill.keys[0])
-        self.keys[:, :, :, :prefill.pos] = prefill.keys[:, :, :, :prefill.pos]  # broadcasts batch 1 -> B
-        self.values[:, :, :, :prefill.pos] = prefill.values[:, :, :, :prefill.pos]
-        self.pos = prefill.pos
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
@@ -286,11 +244,10 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, prompt: list[int], num_samples: int, capacity: int) -> tuple[torch.Tensor, KVCache]:
         """One forward pass over the prompt; returns last-position logits (num_samples, V) and the row cache."""
-        depth = self.model.config.depth
-        prefill_cache = KVCache(depth, 1, len(prompt))
+        prefill_cache = self.model.new_cache(1, len(prompt))
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
-        cache = KVCache(depth, num_samples, capacity)
+        cache = self.model.new_cache(num_samples, capacity)
         cache.fill_from(prefill_cache)
         return logits.expand(num_samples, -1), cache
 

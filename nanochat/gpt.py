@@ -11,25 +11,39 @@ Architecture choices:
 - vocab padded to a multiple of 64 for matmul efficiency; padded ids are never predicted or returned
 - switches for imported Llama-family weights (nanochat/interop.py), all off by default: SwiGLU MLP, learnable
   RMSNorm weights, no QK-norm, no embedding norm; the default path does no extra work
+- frontier switches (karpathy/nanochat's 2026 record, many ideas from KellerJordan/modded-nanogpt), all off by
+  default: value embeddings (ResFormer, arXiv 2410.17897) gated per head into V on alternating layers, the last
+  included; sliding-window attention tiled over layers by a pattern like "SSSL" (the last layer always full);
+  per-layer learnable residual scale and x0 blend (the normed input embedding mixed back in before each block);
+  token smear (a gated share of the previous token's embedding); backout (a learned share of the mid-network
+  residual subtracted before the final norm); a QK scale after QK-norm; the newer initialisation; embeddings
+  stored in the compute dtype. Attention kernels live in nanochat/attention.py.
 - the loss is computed in row chunks, recomputing each chunk's logits in backward, so a large vocab never
   materialises the whole (B, T, vocab) float32 logits tensor
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanochat.attention import KVCache, attend
 from nanochat.common import UserError
 from nanochat.flags import flag
 
 VOCAB_MULTIPLE = 64
 # Logits elements (rows × padded vocab) per loss chunk: 2**26 float32 = 256 MiB at most at a time.
 LOSS_CHUNK_ELEMENTS = 2**26
+# Gates read only the first channels of their input: enough to be input-dependent, negligible in cost.
+VALUE_GATE_CHANNELS = 12
+SMEAR_GATE_CHANNELS = 24
+INIT_SCHEMES = ("2025", "frontier")
+PARAM_GROUPS = ("matrices", "embeddings", "value_embeds", "lm_head", "norm_gains", "resid_lambdas", "x0_lambdas",
+                "gates")
 
 
 @dataclass
@@ -50,10 +64,34 @@ class GPTConfig:
     norm_weight: bool = False  # learnable RMSNorm gains (Llama); False = parameter-free
     qk_norm: bool = True
     embed_norm: bool = True  # RMS-normalise the token embedding before the first block
+    # frontier switches; the defaults are the 2025 architecture, so older meta.json files load unchanged
+    value_embeds: bool = False
+    window_pattern: str = "L"  # tiled over layers: L = full context, S = short_window; the last layer is always L
+    short_window: int = -1  # -1 = a quarter of max_seq_len rounded up to a multiple of 128 (FA3's tile)
+    residual_scalars: bool = False
+    smear: bool = False
+    backout: bool = False
+    qk_scale: float = 1.0
+    init_scheme: str = "2025"
+    compute_dtype_embeddings: bool = False
 
     def __post_init__(self):
         if self.mlp not in ("relu2", "swiglu"):
             raise UserError(f"model config mlp must be relu2 or swiglu, got {self.mlp!r}")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise UserError(f"--window_pattern must be letters S (short) and L (long), e.g. SSSL; "
+                            f"got {self.window_pattern!r}")
+        if self.short_window < 1 and self.short_window != -1:
+            raise UserError(f"--short_window must be >= 1 or -1 (a quarter of the context), got {self.short_window}")
+        if self.qk_scale <= 0:
+            raise UserError(f"--qk_scale must be > 0, got {self.qk_scale}")
+        if self.qk_scale != 1.0 and not self.qk_norm:
+            raise UserError("--qk_scale scales the QK-normed queries and keys; it needs qk_norm")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise UserError(f"--init_scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}")
+        if self.compute_dtype_embeddings and self.tie_embeddings:
+            raise UserError("--compute_dtype_embeddings would store the tied lm_head in low precision too; "
+                            "drop one of it and --tie_embeddings")
 
     @property
     def hidden_dim(self) -> int:
@@ -62,6 +100,26 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer: how many earlier positions a query sees (FA3's left window), None = the whole context."""
+        short = self.short_window if self.short_window != -1 else -(-self.max_seq_len // 4 // 128) * 128
+        windows = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else None
+                   for i in range(self.depth)]
+        windows[-1] = None  # the last layer always sees the whole context
+        return [None if w is not None and w >= self.max_seq_len - 1 else w for w in windows]
+
+    @property
+    def value_embed_layers(self) -> list[int]:
+        """Alternating layers ending with the last one (modded-nanogpt and nanochat both keep the last)."""
+        if not self.value_embeds:
+            return []
+        return [i for i in range(self.depth) if i % 2 == (self.depth - 1) % 2]
+
+    @property
+    def backout_layer(self) -> int:
+        return self.depth // 2
 
 
 @dataclass
@@ -73,6 +131,17 @@ class ModelFlags:
     num_kv_heads: int = flag(-1, "key/value heads (GQA when fewer than num_heads); -1 = num_heads")
     max_seq_len: int = flag(2048, "context length in tokens")
     tie_embeddings: bool = flag(False, "share the input embedding with the lm_head")
+    rope_theta: float = flag(10000.0, "rotary base frequency")
+    value_embeds: bool = flag(False, "value embeddings on alternating layers (last included), gated into V")
+    window_pattern: str = flag("L", "sliding windows tiled over layers: S = --short_window, L = full context; "
+                                    "the last layer is always L (e.g. SSSL)")
+    short_window: int = flag(-1, "S layers' window in tokens; -1 = a quarter of --max_seq_len rounded up to 128")
+    residual_scalars: bool = flag(False, "per-layer learnable residual scale and input-embedding (x0) blend")
+    smear: bool = flag(False, "mix a gated share of the previous token's embedding into each position")
+    backout: bool = flag(False, "subtract a learned share of the mid-network residual before the final norm")
+    qk_scale: float = flag(1.0, "multiply queries and keys by this after QK-norm (sharper attention)")
+    init_scheme: str = flag("2025", "weight initialisation", choices=INIT_SCHEMES)
+    compute_dtype_embeddings: bool = flag(False, "store the embedding tables in the compute dtype (bf16 on GPU)")
 
 
 def model_config(flags: ModelFlags, vocab_size: int) -> GPTConfig:
@@ -104,9 +173,10 @@ def model_config(flags: ModelFlags, vocab_size: int) -> GPTConfig:
         raise UserError(f"--num_kv_heads {num_kv_heads} must divide --num_heads {num_heads}")
     if vocab_size < 1:
         raise UserError(f"vocab size must be >= 1, got {vocab_size}")
-    return GPTConfig(depth=flags.depth, model_dim=model_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                     head_dim=flags.head_dim, max_seq_len=flags.max_seq_len, vocab_size=vocab_size,
-                     tie_embeddings=flags.tie_embeddings)
+    config_fields = {f.name for f in fields(GPTConfig)}
+    shared = {f.name: getattr(flags, f.name) for f in fields(ModelFlags) if f.name in config_fields}
+    return GPTConfig(**{**shared, "model_dim": model_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                        "vocab_size": vocab_size})
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,51 +211,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def attention_mask(q_len: int, k_len: int, doc_ids: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean mask (True = may attend) for the cases SDPA's is_causal cannot express, else None."""
-    if doc_ids is None and (q_len == k_len or q_len == 1):
-        return None
-    offset = k_len - q_len  # queries are the last q_len positions of the k_len keys
-    rows = torch.arange(q_len, device=device)[:, None] + offset
-    mask = torch.arange(k_len, device=device)[None, :] <= rows  # (Tq, Tk)
-    if doc_ids is None:
-        return mask
-    if q_len != k_len:
-        raise ValueError("doc_ids cannot be combined with a KV cache")
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    return (mask[None] & same_doc)[:, None]  # (B, 1, T, T)
-
-
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.eps = config.norm_eps
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.qk_scale = config.qk_norm, config.qk_scale
+        self.window = config.windows[layer_idx]
         dim = config.model_dim
         self.c_q = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
         self.c_k = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.c_v = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        # value embeddings enter V through a per-kv-head gate in (0, 3) computed from the block input
+        self.value_gate = (nn.Linear(min(VALUE_GATE_CHANNELS, dim), self.num_kv_heads, bias=False)
+                           if layer_idx in config.value_embed_layers else None)
 
-    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
+    def forward(self, x, cos, sin, value_embed=None, doc_ids=None, kv_cache=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if value_embed is not None:
+            gate = 3 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # (B, T, kv_heads)
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.num_kv_heads, self.head_dim).to(v.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.qk_norm:
             q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        mask = attention_mask(T, k.size(2), doc_ids, x.device)
-        gqa = self.num_kv_heads != self.num_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attend(q, k, v, window=self.window, doc_ids=doc_ids)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -214,9 +273,26 @@ class Block(nn.Module):
         self.norm_mlp = RMSNorm(config.model_dim, config.norm_eps, config.norm_weight)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
-        x = x + self.attn(self.norm_attn(x), cos, sin, doc_ids, kv_cache)
+    def forward(self, x, cos, sin, value_embed=None, doc_ids=None, kv_cache=None):
+        x = x + self.attn(self.norm_attn(x), cos, sin, value_embed, doc_ids, kv_cache)
         return x + self.mlp(self.norm_mlp(x))
+
+
+def param_group(name: str, param: nn.Parameter, tied: bool) -> str:
+    """The PARAM_GROUPS entry of one named parameter."""
+    if name == "wte.weight":
+        return "lm_head" if tied else "embeddings"
+    if name.startswith("value_embeds."):
+        return "value_embeds"
+    if name.endswith("value_gate.weight") or name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+        return "gates"
+    if name in ("lm_head.weight", "resid_lambdas", "x0_lambdas"):
+        return name.split(".")[0]
+    if name.startswith("blocks.") and param.ndim == 2:
+        return "matrices"
+    if name.endswith("norm_attn.weight") or name.endswith("norm_mlp.weight") or name == "norm_f.weight":
+        return "norm_gains"
+    raise AssertionError(f"parameter {name} has no optimizer group; add it to GPT.param_groups")
 
 
 class GPT(nn.Module):
@@ -231,6 +307,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.model_dim, vocab, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim) for i in config.value_embed_layers})
+        if config.residual_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.depth))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
+        if config.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.model_dim), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.max_seq_len, config.head_dim, config.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -238,17 +324,22 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Embeddings N(0, 1) (RMS-normed right away), lm_head near zero so early logits are flat,
-        block inputs uniform with std 1/sqrt(fan_in), output projections zero so each block starts as identity."""
-        dim = self.config.model_dim
-        if self.config.tie_embeddings:
+        block inputs uniform with std 1/sqrt(fan_in), output projections zero so each block starts as identity.
+        The frontier scheme (nanochat's 2026 record): embeddings N(0, 0.8²), c_fc at 0.4× that bound, and
+        residual scalars that keep more of the residual and of x0 in early layers than in late ones."""
+        config, dim = self.config, self.config.model_dim
+        frontier = config.init_scheme == "frontier"
+        if config.tie_embeddings:
             nn.init.normal_(self.wte.weight, std=dim**-0.5)
         else:
-            nn.init.normal_(self.wte.weight, std=1.0)
+            nn.init.normal_(self.wte.weight, std=0.8 if frontier else 1.0)
             nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = math.sqrt(3.0) * dim**-0.5
         for block in self.blocks:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            fc_bound = 0.4 * bound if frontier else bound
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             if block.mlp.swiglu:
                 nn.init.uniform_(block.mlp.c_up.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
@@ -256,7 +347,39 @@ class GPT(nn.Module):
         for norm in self.modules():
             if isinstance(norm, RMSNorm) and norm.weight is not None:
                 nn.init.ones_(norm.weight)
+        self.init_switches(bound)
         self.init_rotary()
+
+    def init_switches(self, bound: float) -> None:
+        """Value embeddings like c_v; gates slightly above neutral; smear off and backout at 0.2 to start."""
+        config = self.config
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)
+        for block in self.blocks:
+            if block.attn.value_gate is not None:
+                nn.init.uniform_(block.attn.value_gate.weight, 0.0, 0.02)
+        if config.residual_scalars:
+            depth_frac = torch.arange(config.depth, dtype=torch.float32) / max(config.depth - 1, 1)
+            frontier = config.init_scheme == "frontier"
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac if frontier else torch.ones(config.depth))
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac if frontier else torch.zeros(config.depth))
+        if config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)
+        if config.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+
+    def store_embeddings_in(self, dtype: torch.dtype) -> None:
+        """With compute_dtype_embeddings, keep the embedding tables in the compute dtype (bf16 on GPU halves
+        their memory; the lookups feed bf16 matmuls anyway). Parameters keep their identity, so optimizers
+        built before this still hold them."""
+        if self.config.compute_dtype_embeddings:
+            self.wte.to(dtype=dtype)
+            self.value_embeds.to(dtype=dtype)
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """The inference state for `batch_size` rows and up to `capacity` positions (see nanochat.attention)."""
+        return KVCache(self.config.depth, batch_size, capacity)
 
     @torch.no_grad()
     def init_rotary(self) -> None:
@@ -265,19 +388,39 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter in exactly one named group (each key always present, lists in parameter order):
+        matrices (2-D block weights), embeddings (wte; when tied it is the output layer and sits in lm_head),
+        value_embeds, lm_head, norm_gains (learnable RMSNorm gains), resid_lambdas, x0_lambdas, and gates (value
+        gates, smear gate and lambda, backout lambda). The optimizer maps names to settings."""
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in PARAM_GROUPS}
+        for name, param in self.named_parameters():  # a tied lm_head.weight is listed once, as wte.weight
+            groups[param_group(name, param, self.config.tie_embeddings)].append(param)
+        assert sum(map(len, groups.values())) == len({id(p) for p in self.parameters()})
+        return groups
+
     def num_params(self) -> dict[str, int]:
+        """Parameter counts: embedding (wte), value_embeds, blocks (+ final norm), scalars (the switches'
+        lambdas and gates outside the blocks), lm_head (0 when tied), total."""
+        groups = self.param_groups()
         embedding = self.wte.weight.numel()
+        value_embeds = sum(p.numel() for p in groups["value_embeds"])
         blocks = sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm_f.parameters())
         lm_head = 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
-        return {"embedding": embedding, "blocks": blocks, "lm_head": lm_head,
-                "total": embedding + blocks + lm_head}
+        total = sum(p.numel() for p in self.parameters())
+        return {"embedding": embedding, "value_embeds": value_embeds, "blocks": blocks,
+                "scalars": total - embedding - value_embeds - blocks - lm_head, "lm_head": lm_head, "total": total}
 
     def estimate_flops(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus causal-free attention scores."""
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd; embedding lookups are free) plus
+        causal-free attention scores over the keys each layer's window lets a query see."""
         c = self.config
         seq_len = seq_len or c.max_seq_len
         matmul_params = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
-        return 6 * matmul_params + 12 * c.depth * c.num_heads * c.head_dim * seq_len
+        if c.smear:
+            matmul_params += self.smear_gate.weight.numel()
+        keys = sum(seq_len if window is None else min(window, seq_len) for window in c.windows)
+        return 6 * matmul_params + 12 * c.num_heads * c.head_dim * keys
 
     def hidden_states(self, idx, doc_ids=None, kv_cache=None) -> torch.Tensor:
         B, T = idx.shape
@@ -285,15 +428,45 @@ class GPT(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        x = self.wte(idx)
+        # the residual stream keeps the dtype of the weights even when the tables are stored narrower
+        x = self.wte(idx).to(self.lm_head.weight.dtype)
         if self.config.embed_norm:
             x = rms_norm(x, self.config.norm_eps)
-        for block in self.blocks:
+        if self.config.smear:
+            x = self.smear_previous(x, doc_ids, kv_cache)
+        x0, mid = x, None
+        for i, block in enumerate(self.blocks):
+            if self.config.residual_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, doc_ids, kv_cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, value_embed, doc_ids, kv_cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_ids, kv_cache)
+                x = block(x, cos, sin, value_embed, doc_ids, kv_cache)
+            if i == self.config.backout_layer:
+                mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda * mid
         return self.norm_f(x)
+
+    def smear_previous(self, x: torch.Tensor, doc_ids, kv_cache) -> torch.Tensor:
+        """x[t] += smear_lambda · sigmoid(gate(x[t])) · x[t-1], never across a document boundary; with a cache,
+        x[t-1] of the first new position is the last embedding of the previous call (kept in the cache's state),
+        so decoding matches a full pass."""
+        previous = x[:, :-1]
+        if kv_cache is not None:
+            last = kv_cache.state.get("smear_previous")
+            kv_cache.state["smear_previous"] = x[:, -1:]
+            if last is not None:
+                previous = torch.cat([last.to(x.dtype), previous], dim=1)
+        n = previous.size(1)
+        if n == 0:
+            return x
+        current = x[:, x.size(1) - n:]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(current[..., :self.smear_gate.in_features]))
+        if doc_ids is not None:
+            gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(gate.dtype)
+        return torch.cat([x[:, :x.size(1) - n], current + gate * previous], dim=1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

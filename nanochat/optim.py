@@ -197,16 +197,14 @@ def setup_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0
     """[AdamW for wte and lm_head, Muon for every block matrix]. AdamW LRs scale as (model_dim / 768)^-0.5 so
     the defaults tuned at width 768 carry over to other widths."""
     scale = (model.config.model_dim / 768) ** -0.5
-    if model.config.tie_embeddings:
-        # one shared matrix: it is also the output layer, so it gets the (much smaller) unembedding LR
-        adam_groups = [{"params": [model.wte.weight], "lr": unembedding_lr * scale}]
-    else:
-        adam_groups = [{"params": [model.lm_head.weight], "lr": unembedding_lr * scale},
-                       {"params": [model.wte.weight], "lr": embedding_lr * scale}]
-    # learnable RMSNorm gains (imported Llama-family models) are vectors: AdamW, not Muon
-    gains = [p for p in model.parameters() if p.ndim == 1]
-    if gains:
-        adam_groups.append({"params": gains, "lr": unembedding_lr * scale})
+    groups = model.param_groups()
+    adam_groups = [{"params": groups["lm_head"], "lr": unembedding_lr * scale}]
+    if not model.config.tie_embeddings:  # tied: the one shared matrix sits in lm_head, at the unembedding LR
+        adam_groups.append({"params": groups["embeddings"] + groups["value_embeds"], "lr": embedding_lr * scale})
+    # vectors and gates (learnable RMSNorm gains, the frontier switches' lambdas and gates): AdamW, not Muon
+    small = groups["norm_gains"] + groups["resid_lambdas"] + groups["x0_lambdas"] + groups["gates"]
+    if small:
+        adam_groups.append({"params": small, "lr": unembedding_lr * scale})
     adamw = AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-    muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=matrix_lr)
+    muon = Muon(groups["matrices"], lr=matrix_lr)
     return [adamw, muon]

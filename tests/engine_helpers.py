@@ -60,11 +60,15 @@ def random_gpt(vocab_size: int, num_kv_heads: int = 2, depth: int = 2, max_seq_l
 
 @torch.no_grad()
 def perturb_projections(model: GPT) -> GPT:
-    """Zero-initialised projections make every block the identity; perturb them so tests exercise attention."""
+    """Zero-initialised projections make every block the identity, and some switches start neutral (smear off,
+    x0 blend 0); perturb them so tests exercise attention and every switch."""
     for block in model.blocks:
         block.attn.c_proj.weight.normal_(std=0.1)
         block.mlp.c_proj.weight.normal_(std=0.1)
     model.lm_head.weight.normal_(std=0.3)
+    for name in ("smear_lambda", "x0_lambdas", "backout_lambda"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name).add_(torch.rand_like(getattr(model, name)) * 0.5)
     return model
 
 

@@ -6,12 +6,7 @@ import nanochat.gpt as gpt_module
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
 from tests.engine_helpers import perturb_projections
-
-
-def tiny_config(**overrides) -> GPTConfig:
-    base = dict(depth=2, model_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=32, vocab_size=100)
-    base.update(overrides)
-    return GPTConfig(**base)
+from tests.model_cases import SWITCH_CASES, tiny_config
 
 
 def build(config: GPTConfig, seed: int = 0) -> GPT:
@@ -19,24 +14,6 @@ def build(config: GPTConfig, seed: int = 0) -> GPT:
     model = GPT(config)
     model.init_weights()
     return perturb_projections(model)
-
-
-class ListCache:
-    """The smallest object that speaks the KV-cache protocol in docs/internals.md."""
-
-    def __init__(self, depth):
-        self.keys, self.values, self.pos, self.depth = [None] * depth, [None] * depth, 0, depth
-
-    def get_pos(self):
-        return self.pos
-
-    def insert_kv(self, layer, k, v):
-        if self.keys[layer] is not None:
-            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
-        self.keys[layer], self.values[layer] = k, v
-        if layer == self.depth - 1:
-            self.pos = k.size(2)
-        return k, v
 
 
 def test_ittybitty_shape_matches_design():
@@ -102,7 +79,7 @@ def test_loss_reductions_agree():
 
 
 def test_overfits_one_batch():
-    model = build(tiny_config(num_kv_heads=4))
+    model = build(tiny_config())
     idx = torch.randint(0, 100, (2, 16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
@@ -117,19 +94,54 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_kv_cache_matches_full_recompute(num_kv_heads):
-    model = build(tiny_config(num_kv_heads=num_kv_heads)).eval()
+    model = build(tiny_config(head_dim=8, num_kv_heads=num_kv_heads)).eval()
     idx = torch.randint(0, 100, (3, 12))
     with torch.no_grad():
         full = model(idx)
-        cache = ListCache(model.config.depth)
+        cache = model.new_cache(3, 12)
         prefill = model(idx[:, :7], kv_cache=cache)
         steps = [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 12)]
     incremental = torch.cat([prefill] + steps, dim=1)
     assert torch.allclose(full, incremental, atol=1e-4)
 
 
-def test_doc_ids_keep_attention_inside_documents():
-    model = build(tiny_config()).eval()
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_cache_equals_recompute_for_every_switch(case):
+    """Batch-1 prefill copied into 3 rows, a 3-token chunk per row, then single steps past the short window:
+    the logits equal a full forward of each row."""
+    model = build(tiny_config(**SWITCH_CASES[case])).eval()
+    prompt, continuations = torch.randint(0, 100, (1, 9)), torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        prefill = model.new_cache(1, 9)
+        prefill_logits = model(prompt, kv_cache=prefill)
+        cache = model.new_cache(3, 16)
+        cache.fill_from(prefill)
+        chunk = model(continuations[:, :3], kv_cache=cache)
+        steps = [model(continuations[:, t:t + 1], kv_cache=cache) for t in range(3, 7)]
+        full = model(torch.cat([prompt.expand(3, -1), continuations], dim=1))
+    assert torch.allclose(prefill_logits[0], full[0, :9], atol=1e-4)
+    assert torch.allclose(torch.cat([chunk, *steps], dim=1), full[:, 9:], atol=1e-4)
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_every_switch_trains_every_parameter(case):
+    config = tiny_config(**SWITCH_CASES[case])
+    model = build(config)
+    idx = torch.randint(0, 100, (2, 17))
+    assert model(idx[:, :-1]).shape == (2, 16, 100)
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    groups = model.param_groups()
+    assert sum(map(len, groups.values())) == len(list(model.parameters()))
+    counts = model.num_params()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["value_embeds"] == (len(config.value_embed_layers) * 128 * config.num_kv_heads * config.head_dim)
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_doc_ids_keep_attention_inside_documents(case):
+    model = build(tiny_config(**SWITCH_CASES[case])).eval()
     second_doc = torch.randint(0, 100, (1, 6))
     row = torch.cat([torch.randint(0, 100, (1, 5)), second_doc], dim=1)
     doc_ids = torch.tensor([[0] * 5 + [1] * 6])

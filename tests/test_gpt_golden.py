@@ -13,7 +13,7 @@ from nanochat.gpt import GPT, GPTConfig
 from tests.engine_helpers import perturb_projections
 
 REPO = Path(__file__).resolve().parents[1]
-PINNED_COMMIT = "c2b2ffd"  # the last commit before the frontier architecture switches
+PINNED_COMMIT = "b46cb04"  # the last commit before the frontier architecture switches
 
 ARCHITECTURES = {
     "default": {},
