@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import create_model
+from nanochat.checkpoint import create_model, meta_model
 from nanochat.common import DistInfo, UserError
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import GPTConfig, ModelFlags, model_config
 from nanochat.optim import setup_optimizers
-from nanochat.sizing import meta_model
 from nanochat.trainer import train
 
 SHAPES = {  # (depth, model_dim, head_dim, vocab, seq_len, device_batch): demo.sh and ittybitty.sh, short rows

@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import shutil
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,14 +29,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, barrier, fsync_dir, get_base_dir, get_rank, print0
+from nanochat.common import (UserError, barrier, fsync_dir, get_base_dir, get_rank, get_world_size, git_commit,
+                             print0)
 from nanochat.gpt import GPT, GPTConfig
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                    "rl": "chatrl_checkpoints"}
 PAUSE_ENV = "NANOCHAT_TEST_PAUSE_SAVE"  # seconds to sleep mid-save, so a test can kill -9 the writer
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
-REPO_DIR = Path(__file__).resolve().parents[1]
 
 
 def checkpoint_dir(source: str, tag: str) -> Path:
@@ -82,15 +81,6 @@ def sha256_file(path: Path) -> str:
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,8 +143,8 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
             print0(f"pausing {pause:g}s mid-save of {tmp} ({PAUSE_ENV})")
             time.sleep(pause)
         full_meta = {**meta, "step": step, "model_config": asdict(model.config),
-                     "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-                     "git_commit": git_commit(), "torch_version": torch.__version__,
+                     "world_size": get_world_size(),
+                     "git_commit": git_commit() or "unknown", "torch_version": torch.__version__,
                      "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
         meta_path = tmp / META_FILE
         with failed_write_is_user_error(tag_dir, tmp, step):
@@ -263,7 +253,7 @@ def load_checkpoint(tag_dir: Path, step: int, device, rank: int = 0, load_optimi
     model_state = load_file(verified(directory, MODEL_FILE, meta), device=str(device))
     optimizer_states, rank_state = None, {}
     if load_optimizer:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = get_world_size()
         if meta.get("world_size", 1) != world:
             raise UserError(f"checkpoint {directory} was saved by {meta['world_size']} ranks but this run has "
                             f"{world}; resume with the same number of processes")
@@ -280,10 +270,15 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
                         f"unexpected {sorted(unexpected)})")
 
 
+def meta_model(config: GPTConfig) -> GPT:
+    """The model on the meta device: shapes and counts without allocating a byte."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def empty_model(config: GPTConfig, device) -> GPT:
     """Built on the meta device, then given uninitialised storage: no time spent on a throw-away init."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight  # to_empty re-creates parameters, breaking the tie

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,6 +180,13 @@ def get_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def get_world_size() -> int:
+    """Ranks in the process group; 1 for a plain process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -186,6 +194,24 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only, so N ranks don't print N copies."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provenance
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    """This checkout's short commit, with " (dirty)" when tracked files changed; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10, cwd=REPO_DIR).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=REPO_DIR).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + (" (dirty)" if dirty else "")) or None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizerCore
 
-from nanochat.common import UserError
+from nanochat.common import UserError, atomic_path, atomic_write, fsync_dir
 from nanochat.encoding import BYTE_TO_CHAR
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -215,11 +215,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 # The folder
 
 def write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -247,12 +243,14 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    with atomic_path(tmp / "model.safetensors") as path:
+        save_file(state, path, metadata={"format": "pt"})
     write_json(tmp / "config.json", config)
     write_json(tmp / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
         "pad_token_id": config["pad_token_id"], "max_length": model.config.max_seq_len})
-    hf_tokenizer.save(str(tmp / "tokenizer.json"))
+    with atomic_path(tmp / "tokenizer.json") as path:
+        hf_tokenizer.save(str(path))
     write_json(tmp / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|assistant_end|>",
@@ -260,11 +258,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     })
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
     if out.exists():
         out.rmdir()  # checked empty above
     # rename last: a crash before this leaves only <out>.tmp, never a half-written export
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     return out

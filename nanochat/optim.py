@@ -19,13 +19,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nanochat.common import get_world_size
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 @torch.no_grad()
@@ -84,7 +80,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world = world_size()
+        world = get_world_size()
         if world == 1:
             for group in self.param_groups:
                 momentum = self.current_momentum(group)
@@ -155,7 +151,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world = world_size()
+        world = get_world_size()
         if world == 1:
             for group in self.param_groups:
                 for p in group["params"]:

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
-from nanochat.common import UserError, atomic_path, atomic_write, get_base_dir, get_rank
+from nanochat.common import UserError, atomic_path, atomic_write, get_base_dir, get_rank, git_commit
 from nanochat.flags import flag, parse_flags, run_main
 
 SOURCES = tuple(CHECKPOINT_DIRS)  # base, mid, sft, rl: the summary-table columns
@@ -125,18 +124,6 @@ def summary_table(sections: list[dict]) -> str:
     return markdown_table(["Metric"] + [s.upper() for s in SOURCES], rows)
 
 
-def git_commit() -> str:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10, cwd=repo).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=repo).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return MISSING
-    return commit + (" (dirty)" if dirty else "")
-
-
 def cpu_description() -> str:
     """`2 × <model name>` from /proc/cpuinfo on Linux, else the CPU count alone."""
     count = os.cpu_count() or 1
@@ -159,7 +146,7 @@ def memory_gb() -> str:
 def environment() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
-        "Git commit": git_commit(),
+        "Git commit": git_commit() or MISSING,
         "Platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         "CPUs": cpu_description(),
         "Memory": memory_gb(),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanochat.checkpoint import meta_model
 from nanochat.gpt import GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from nanochat.optim import AdamW, Muon, setup_optimizers
 
@@ -32,12 +33,6 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer + self.activations
-
-
-def meta_model(config: GPTConfig) -> GPT:
-    """The model on the meta device: shapes and counts without allocating a byte."""
-    with torch.device("meta"):
-        return GPT(config)
 
 
 def optimizer_state_elements(model: GPT) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ import torch.distributed as torch_dist
 
 from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage, load_checkpoint, load_model_state,
                                  remove_partial, restore_rng_state, save_checkpoint, step_dir)
-from nanochat.common import DistInfo, UserError, device_peak_flops, init_wandb, print0, resolve_dtype
+from nanochat.common import DistInfo, UserError, atomic_write, device_peak_flops, init_wandb, print0, resolve_dtype
 from nanochat.flags import TrainFlags
 
 LOSS_EMA_BETA = 0.9
@@ -84,9 +83,7 @@ class TrainLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, entry: dict) -> None:
         if self.enabled:

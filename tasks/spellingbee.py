@@ -11,7 +11,6 @@ or the most frequent plain words of the pretraining shards (then cached).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections import Counter
@@ -19,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_write, get_base_dir
 from tasks.common import Task
 from tasks.tooluse import extract_answer
 
@@ -50,16 +49,6 @@ def read_word_file(path: Path) -> list[str]:
     return sorted(w for w in words if WORD.fullmatch(w))
 
 
-def write_words_atomic(path: Path, words: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(words) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def load_words(path: Path | str | None = None) -> list[str]:
     """The word list, from the first source that exists (see module doc)."""
     if path is not None:
@@ -77,7 +66,7 @@ def load_words(path: Path | str | None = None) -> list[str]:
 
             words = words_from_texts(text for batch in iter_text_batches("train") for text in batch)
             if words:
-                write_words_atomic(cache, words)
+                atomic_write(cache, "\n".join(words) + "\n")
     if len(words) < 10:
         raise UserError(f"the spelling word list has {len(words)} words; need at least 10 "
                         "(install Debian's wamerican, make pretraining shards, or pass a word file)")

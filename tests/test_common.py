@@ -198,3 +198,11 @@ def test_short_aliases_and_description():
     assert parse_flags(Short, ["--max_problems", "6"]).max_problems == 6
     from nanochat.flags import build_parser
     assert not build_parser(Short).description.startswith("Short(")  # never dataclass's generated signature
+
+
+def test_git_commit_names_this_checkout():
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert common.git_commit().split(" ")[0] == head.stdout.strip()
+    assert common.get_world_size() == 1
