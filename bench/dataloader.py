@@ -1,6 +1,9 @@
-"""Is the pretraining loader ever the bottleneck? Tokens/s it delivers vs tokens/s a training step consumes.
+"""How much of what it reads does the pretraining loader train on, and is it ever the bottleneck?
 
-    python -m bench.dataloader [--shards DIR] [--tokens 4000000]
+    python -m bench.dataloader [--shards DIR] [--tokens 4000000] [--what all|packing|speed]
+
+Packing: at T=512 and T=2048, tokens read / tokens trained / % dropped for the crop rule (the original) and the
+continue rule (the default), each over --packing_tokens trained tokens, in the same run.
 
 For the demo config (d4, dim 192, T=256, B=16) and the ittybitty config (d4, dim 512, T=2048) it measures, on
 this machine, in one run:
@@ -14,13 +17,14 @@ Uses ../shared/data/pretrain by default and a 4096-token tokenizer trained here 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataloader import PretrainLoader
+from nanochat.dataloader import PACKINGS, PretrainLoader, dropped_percent
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -52,6 +56,19 @@ def loader_tokens_per_s(tokenizer, shards: Path, batch_size: int, seq_len: int, 
     return batches * batch_size * seq_len / elapsed
 
 
+def packing_table(tokenizer, shards: Path, tokens: int) -> None:
+    print("packing: T, rule, tokens read, tokens trained, % dropped (of the tokens read minus those still buffered)")
+    for seq_len in (512, 2048):
+        for packing in reversed(PACKINGS):  # the old rule first: it is the reference
+            loader = PretrainLoader(tokenizer, 8, seq_len, directory=shards, packing=packing)
+            for _ in range(max(1, tokens // (8 * seq_len))):
+                next(loader)
+            stats = loader.stats()
+            loader.close()
+            print(f"packing: T={seq_len} {packing:8} read {stats['tokens_read']:>12,} trained "
+                  f"{stats['tokens_trained']:>12,} dropped {dropped_percent(stats):5.1f} %")
+
+
 def train_tokens_per_s(config: GPTConfig, batch_size: int, steps: int, loader: PretrainLoader | None) -> float:
     torch.manual_seed(0)
     model = GPT(config)
@@ -75,10 +92,21 @@ def train_tokens_per_s(config: GPTConfig, batch_size: int, steps: int, loader: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, default=DEFAULT_SHARDS, help="directory with shard_*.parquet")
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="tokens per loader measurement")
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="tokens per loader speed measurement")
+    parser.add_argument("--packing_tokens", type=int, default=8_000_000, help="tokens trained per packing case")
+    parser.add_argument("--what", choices=("all", "packing", "speed"), default="all")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; shards: {args.shards}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; shards: {args.shards}; "
+          f"load average before {os.getloadavg()[0]:.2f}")
     tokenizer = train_tokenizer(args.shards)
+    if args.what in ("all", "packing"):
+        packing_table(tokenizer, args.shards, args.packing_tokens)
+    if args.what in ("all", "speed"):
+        speed(tokenizer, args)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+def speed(tokenizer, args) -> None:
     for name, (depth, dim, head_dim, seq_len, batch_size, vocab, steps) in CONFIGS.items():
         config = GPTConfig(depth=depth, model_dim=dim, num_heads=dim // head_dim, num_kv_heads=dim // head_dim,
                            head_dim=head_dim, max_seq_len=seq_len, vocab_size=vocab)

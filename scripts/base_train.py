@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model
 from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
-from nanochat.dataloader import PretrainLoader
+from nanochat.dataloader import PACKINGS, PretrainLoader, describe_stats
 from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
@@ -39,6 +39,9 @@ class BaseTrainFlags(ModelFlags, TrainFlags):
     warmup_ratio: float = flag(0.0, "fraction of steps with a linear LR warm-up")
     warmdown_ratio: float = flag(0.2, "fraction of steps at the end with a linear LR decay")
     final_lr_frac: float = flag(0.0, "LR at the end of the warm-down, as a fraction of the peak")
+    # Data
+    packing: str = flag("continue", "how rows are filled: continue (a long document's rest opens a later row; "
+                                    "drops nothing) | crop (drops the rest; runs saved before this choice)", PACKINGS)
     # Model extras
     doc_mask: bool = flag(False, "attention stays inside each document of a packed row")
     activation_checkpointing: bool = flag(False, "recompute each block in backward: less memory, ~30% more compute")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizers = setup_optimizers(model, flags.embedding_lr, flags.unembedding_lr, flags.matrix_lr,
                                   flags.weight_decay)
     batches = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "train", dist.device, dist.rank,
-                             dist.world_size, doc_mask=flags.doc_mask)
+                             dist.world_size, doc_mask=flags.doc_mask, packing=flags.packing)
     schedule = warmup_warmdown(num_iterations, round(flags.warmup_ratio * num_iterations), flags.warmdown_ratio,
                                flags.final_lr_frac)
     start = time.time()
@@ -144,12 +147,15 @@ def main(argv: list[str] | None = None) -> None:
                    num_iterations=num_iterations, grad_accum_steps=accum,
                    evals=build_evals(flags, tokenizer, dist, seq_len), flops_per_token=flops_per_token,
                    meta={"source": "base", "num_iterations": num_iterations})
+    data = describe_stats(batches.stats_all_ranks())
+    print0(f"data: {data}")
     batches.close()
     wall = time.time() - start
     metrics = {"CORE": result.metrics["core"]} if "core" in result.metrics else {}
     summary = {"parameters": counts["total"], "depth": config.depth, "model_dim": config.model_dim,
                "steps": result.step, "tokens": result.step * flags.total_batch_size,
-               "final_loss": result.losses.get(result.step), **result.metrics, "checkpoint": str(result.checkpoint)}
+               "final_loss": result.losses.get(result.step), **result.metrics, "data": data,
+               "checkpoint": str(result.checkpoint)}
     report.log_section("Base model training", summary, source="base", metrics=metrics, wall_time_s=wall)
     cleanup_distributed()
 

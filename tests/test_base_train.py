@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,11 @@ def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
            if "val_bpb" in line]
     assert len(bpb) == 3 and bpb[-1] < bpb[0]
     assert "GFLOP/s" in out and "tok/s" in out and "sample: 'The capital of France is" in out
+    data = re.search(r"^data: read ([\d,]+) tokens, trained ([\d,]+) \(0\.0 % dropped\), epoch \d+$", out, re.M)
+    assert data, out[-2000:]
+    read, trained = (int(group.replace(",", "")) for group in data.groups())
+    assert read > trained >= 30 * 256  # a row of T+1 tokens trains T targets; continuations repeat one token
+    assert data.group(0).removeprefix("data: ") in (base / "report" / "base-model-training.md").read_text()
     model, tokenizer, meta = load_model("base", "cpu", tag="learn")
     assert meta["step"] == 30 and meta["val_bpb"] == bpb[-1] and meta["model_config"]["depth"] == 2
     ids = torch.tensor([tokenizer.encode("Hello world", prepend=tokenizer.bos_token_id)])

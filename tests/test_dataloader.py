@@ -1,4 +1,5 @@
-"""PretrainLoader: BOS-aligned best-fit packing, doc ids, rank split, exact resume (also under torchrun)."""
+"""PretrainLoader: best-fit packing (continue and crop), row starts, doc ids, token counts, rank split, exact resume
+(also under torchrun), and the waste bound on the real shards."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataloader import PretrainLoader
+from nanochat.dataloader import PretrainLoader, dropped_percent
 from nanochat.dataset import read_row_group
 from nanochat.tokenizer import Tokenizer
 
@@ -49,8 +50,56 @@ def segments(row, bos):
     return [tuple(row[a:b]) for a, b in zip(starts, starts[1:] + [len(row)])]
 
 
-def test_rows_are_whole_documents_plus_one_crop(corpus):
-    loader = make(corpus)
+def rows_of(batch) -> list[list[int]]:
+    inputs, targets = batch[0], batch[1]
+    return torch.cat([inputs, targets[:, -1:]], dim=1).tolist()
+
+
+def pieces_of(row: list[int], ids: list[int]) -> list[list[int]]:
+    """The row cut where doc_ids change (the last position's id is the one before it or a new piece)."""
+    cuts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(row)]
+    return [row[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def stitched_documents(loader, num_batches: int, bos: int) -> tuple[list[tuple], int]:
+    """Rebuild documents from the rows: a row that does not open with BOS must continue the previous row's last
+    piece, repeating its last token (a lone BOS at a row end continues into a row that opens with the rest)."""
+    docs, previous_last, continuations = [], None, 0
+    for _ in range(num_batches):
+        batch = next(loader)
+        inputs, targets, doc_ids = batch
+        ids = torch.cat([doc_ids, doc_ids[:, -1:]], dim=1).tolist()
+        for row, row_ids in zip(rows_of(batch), ids):
+            pieces = pieces_of(row, row_ids)
+            for number, piece in enumerate(pieces):
+                assert (piece[0] == bos) or number == 0, "only a row's first piece may start without BOS"
+            first = pieces[0]
+            continues = previous_last is not None and (first[0] != bos or previous_last == [bos])
+            if continues:
+                assert first[0] == previous_last[-1], "a continuation repeats the last token placed before it"
+                docs[-1] = docs[-1] + tuple(first[1:])
+                continuations += 1
+            else:
+                docs.append(tuple(first))
+            docs += [tuple(piece) for piece in pieces[1:]]
+            previous_last = pieces[-1]
+    return docs[:-1], continuations  # the last may continue beyond the batches taken
+
+
+def test_continue_rows_start_at_a_document_or_its_continuation_and_drop_nothing(corpus):
+    loader = make(corpus, doc_mask=True)
+    bos = corpus[1].bos_token_id
+    docs = document_tokens(corpus, loader.groups)
+    stitched, continuations = stitched_documents(loader, 15, bos)
+    assert continuations > 0  # rows of 65 tokens split the longer documents
+    assert all(doc in docs for doc in stitched)  # every piece put back together is a whole real document
+    stats = loader.stats()
+    assert stats["tokens_dropped"] == 0
+    assert stats["tokens_trained"] == 15 * 3 * 65 - continuations  # each continuation repeats one token
+
+
+def test_crop_rows_are_whole_documents_plus_one_crop(corpus):
+    loader = make(corpus, packing="crop")
     bos = corpus[1].bos_token_id
     docs = document_tokens(corpus, loader.groups)
     cropped = 0
@@ -66,47 +115,53 @@ def test_rows_are_whole_documents_plus_one_crop(corpus):
                 assert any(doc[:len(last)] == last for doc in docs)
                 cropped += 1
     assert cropped > 0  # the data has documents longer than the space left in a row
+    stats = loader.stats()
+    assert stats["tokens_dropped"] > 0
+    assert stats["tokens_trained"] == 15 * 3 * 65
 
 
-def test_doc_ids_number_documents_within_each_row(corpus):
-    loader = make(corpus, doc_mask=True)
+@pytest.mark.parametrize("packing", ["continue", "crop"])
+def test_doc_ids_number_pieces_within_each_row(corpus, packing):
+    loader = make(corpus, doc_mask=True, packing=packing)
     bos = corpus[1].bos_token_id
     for _ in range(5):
         inputs, targets, doc_ids = next(loader)
         assert doc_ids.shape == inputs.shape
         for tokens, ids in zip(inputs.tolist(), doc_ids.tolist()):
-            expected, current = [], -1
+            expected, current = [], -1 if tokens[0] == bos else 0  # a continuation opens a row as piece 0
             for token in tokens:
                 current += token == bos
                 expected.append(current)
             assert ids == expected
 
 
-@pytest.mark.parametrize("split_at, total", [(10, 20), (37, 60)])
-def test_exact_resume(corpus, split_at, total):
-    straight = make(corpus, doc_mask=True)
+@pytest.mark.parametrize("packing", ["continue", "crop"])
+@pytest.mark.parametrize("split_at, total", [(10, 20), (90, 200)])
+def test_exact_resume(corpus, split_at, total, packing):
+    straight = make(corpus, doc_mask=True, packing=packing)
     reference = [next(straight) for _ in range(total)]
-    assert straight.state_dict()["epoch"] >= (1 if total == 60 else 0)
-    first = make(corpus, doc_mask=True)
+    assert straight.state_dict()["epoch"] >= (1 if total == 200 else 0)
+    first = make(corpus, doc_mask=True, packing=packing)
     got = [next(first) for _ in range(split_at)]
     state = json.loads(json.dumps(first.state_dict()))
     first.close()
-    second = make(corpus, doc_mask=True)
+    second = make(corpus, doc_mask=True, packing=packing)
     second.load_state_dict(state)
     got += [next(second) for _ in range(total - split_at)]
     for want, have in zip(reference, got):
         assert all(torch.equal(a, b) for a, b in zip(want, have))
+    assert second.stats() == straight.stats()
 
 
 def test_ranks_read_disjoint_row_groups(corpus):
-    loaders = [make(corpus, rank=r, world_size=2) for r in range(2)]
+    loaders = [make(corpus, rank=r, world_size=2, doc_mask=True) for r in range(2)]
     assert [len(loader.groups) for loader in loaders] == [6, 6]
     all_groups = make(corpus).groups
     assert loaders[0].groups == all_groups[0::2] and loaders[1].groups == all_groups[1::2]
     bos = corpus[1].bos_token_id
     own = [document_tokens(corpus, loader.groups) for loader in loaders]
     for rank, loader in enumerate(loaders):
-        whole = [s for _ in range(5) for row in next(loader)[0].tolist() for s in segments(row, bos)[:-1]]
+        whole, _ = stitched_documents(loader, 10, bos)
         assert whole and all(s in own[rank] and s not in own[1 - rank] for s in whole)
 
 
@@ -162,8 +217,54 @@ def test_clear_errors(corpus, base_dir):
     state = make(corpus, rank=0, world_size=2).state_dict()
     with pytest.raises(UserError, match="saved by rank 0 of 2 .*same number of ranks"):
         make(corpus).load_state_dict(state)
+    with pytest.raises(UserError, match="saved with packing crop, this run packs with continue; resume with "
+                                        "--packing crop"):
+        make(corpus).load_state_dict(make(corpus, packing="crop").state_dict())
+    with pytest.raises(UserError, match="packing must be one of continue, crop, got 'fill'"):
+        make(corpus, packing="fill")
     with pytest.raises(UserError, match="python -m nanochat.dataset"):
         PretrainLoader(corpus[1], batch_size=1, seq_len=8)  # base_dir has no shards
+
+
+def test_state_saved_before_packing_had_a_name_resumes_as_crop(corpus):
+    straight = make(corpus, packing="crop")
+    reference = [next(straight) for _ in range(8)]
+    first = make(corpus, packing="crop")
+    for _ in range(5):
+        next(first)
+    state = {key: value for key, value in first.state_dict().items()
+             if key not in ("packing", "continued", "tokens_read", "tokens_dropped")}
+    first.close()
+    second = make(corpus, packing="crop")
+    second.load_state_dict({**state, "version": 1})
+    for want in reference[5:]:
+        assert all(torch.equal(a, b) for a, b in zip(want, next(second)))
+    with pytest.raises(UserError, match="resume with --packing crop"):
+        make(corpus).load_state_dict({**state, "version": 1})
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(shared_data):
+    texts = pq.ParquetFile(shared_data / "pretrain" / "shard_00000.parquet").read_row_group(0).column("text")
+    return Tokenizer.train_from_iterator(texts.to_pylist()[:300], vocab_size=2048)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq_len", [512, 2048])
+def test_continue_packing_drops_at_most_5_percent_of_the_real_shards(shared_data, real_tokenizer, seq_len):
+    """The crop rule drops a large share here (long documents pile up in its buffer); continue drops nothing."""
+    measured = {}
+    for packing in ("continue", "crop"):
+        loader = PretrainLoader(real_tokenizer, batch_size=4, seq_len=seq_len, directory=shared_data / "pretrain",
+                                packing=packing, doc_mask=True)
+        for _ in range(1_000_000 // (4 * seq_len)):
+            inputs, _, doc_ids = next(loader)
+            starts = inputs[:, 0] == real_tokenizer.bos_token_id
+            assert torch.all(starts | (doc_ids[:, 0] == 0))
+        measured[packing] = dropped_percent(loader.stats())
+        loader.close()
+    assert measured["continue"] <= 5.0
+    assert measured["crop"] > 10.0, measured  # the measure itself sees the old rule's waste
 
 
 @pytest.mark.slow
