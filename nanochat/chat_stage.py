@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from nanochat.chat_data import PackedChatBatches, PaddedChatBatches, evaluate_chat_loss
 from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
 from nanochat.common import DistInfo, UserError, autodetect_device_type, init_distributed, print0, seed_everything
 from nanochat.flags import TrainFlags, flag
@@ -98,6 +99,18 @@ def start_stage(flags: StageFlags, source: str, stage: str) -> Stage:
     print0(f"{stage}: from {source}/{tag} step {meta['step']} -> {out_dir}; rows of {seq_len} tokens; "
            f"{dist_info.world_size} rank(s) on {dist_info.device}")
     return Stage(dist_info, model, tokenizer, meta, tag, out_dir, seq_len)
+
+
+def chat_val_loss(stage: Stage, flags: ChatTrainFlags, val_task: Task,
+                  batches_class: type[PackedChatBatches] | type[PaddedChatBatches]) -> Callable[..., dict[str, float]]:
+    """The trainer's val eval for mid and SFT: mean loss per trained token over `--eval_batches` batches of the
+    val mixture, read from its start every time so evaluations compare."""
+    def val_loss(eval_model, step: int) -> dict[str, float]:
+        batches = batches_class(stage.tokenizer, val_task, flags.device_batch_size, stage.seq_len, stage.dist.device,
+                                stage.dist.rank, stage.dist.world_size)
+        return {"val_loss": evaluate_chat_loss(eval_model, batches, flags.eval_batches)}
+
+    return val_loss
 
 
 def stage_optimizers(model, flags: StageFlags) -> list:

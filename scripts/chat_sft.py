@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_data import PaddedChatBatches, evaluate_chat_loss, loader_totals
+from nanochat.chat_data import PaddedChatBatches, loader_totals
 from nanochat.chat_eval import GenerationSettings, run_generative
-from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, examples_accum_steps, resolve_chat_data,
-                                 stage_optimizers, start_stage)
+from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, chat_val_loss, examples_accum_steps,
+                                 resolve_chat_data, stage_optimizers, start_stage)
 from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.engine import Engine
 from nanochat.flags import flag, parse_flags, run_main
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     batches = PaddedChatBatches(tokenizer, train_task, flags.device_batch_size, seq_len, dist.device,
                                 dist.rank, dist.world_size)
-
-    def val_loss(eval_model, step):
-        val_batches = PaddedChatBatches(tokenizer, val_task, flags.device_batch_size, seq_len, dist.device,
-                                        dist.rank, dist.world_size)
-        return {"val_loss": evaluate_chat_loss(eval_model, val_batches, flags.eval_batches)}
+    val_loss = chat_val_loss(stage, flags, val_task, PaddedChatBatches)
 
     def accuracies(eval_model, step):
         # answers get at most half the context, as chat_eval allows (it would otherwise print a note each time)

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_data import PackedChatBatches, estimate_packed_rows, evaluate_chat_loss, loader_totals
-from nanochat.chat_stage import ChatTrainFlags, chat_mixture, resolve_chat_data, stage_optimizers, start_stage
+from nanochat.chat_data import PackedChatBatches, estimate_packed_rows, loader_totals
+from nanochat.chat_stage import (ChatTrainFlags, chat_mixture, chat_val_loss, resolve_chat_data, stage_optimizers,
+                                 start_stage)
 from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.schedules import warmup_warmdown
@@ -63,11 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     batches = PackedChatBatches(tokenizer, train_task, flags.device_batch_size, seq_len, dist.device,
                                 dist.rank, dist.world_size)
-
-    def val_loss(eval_model, step):
-        val_batches = PackedChatBatches(tokenizer, val_task, flags.device_batch_size, seq_len, dist.device,
-                                        dist.rank, dist.world_size)
-        return {"val_loss": evaluate_chat_loss(eval_model, val_batches, flags.eval_batches)}
+    val_loss = chat_val_loss(stage, flags, val_task, PackedChatBatches)
 
     result = train(model, stage_optimizers(model, flags), batches,
                    lr_schedule=warmup_warmdown(num_iterations, 0, flags.warmdown_ratio, 0.0),
