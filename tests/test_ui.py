@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nanochat.checkpoint import CHECKPOINT_DIRS, save_checkpoint
+from nanochat.tokenizer import Tokenizer
+from tests.engine_helpers import known_logits_gpt
 from tests.server_fixtures import LONG_WORD, REPO, serve_checkpoint, shared_server_base_dir
 
 selenium = pytest.importorskip("selenium", reason="selenium is in the test extra: pip install -e '.[test]'")
@@ -26,6 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = REPO / "artifacts"
+SMALL_CONTEXT = 256
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,19 +63,46 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture
-def page(browser, server):
-    """The page with fresh storage and deterministic settings (greedy, 12 tokens)."""
+@pytest.fixture(scope="module")
+def small_server(server_root, tmp_path_factory):
+    """The "hello" model with the demo's 256-token context, logging what each request sent (under root/log)."""
+    root = tmp_path_factory.mktemp("ui_small_context")
+    shutil.copytree(server_root / "tokenizer", root / "tokenizer")
+    tokenizer = Tokenizer.load(root / "tokenizer")
+    (hello,) = tokenizer.encode(LONG_WORD)
+    model = known_logits_gpt(tokenizer.vocab_size, {hello: 12.0}, max_seq_len=SMALL_CONTEXT)
+    save_checkpoint(root / CHECKPOINT_DIRS["base"] / "d1", 7, model, optimizers=[], meta={}, rank_state={},
+                    keep_last=-1)
+    with serve_checkpoint(root, "base", log_dir=root / "log") as live:
+        live.root = root
+        live.tokenizer = tokenizer
+        yield live
+
+
+def fresh_page(browser, url: str, **settings):
+    """The page at `url` with fresh storage and deterministic settings (greedy); fails on console errors."""
     browser.set_window_size(1280, 860)
-    browser.get(f"{server.url}/")
+    browser.get(f"{url}/")
     browser.execute_script("localStorage.clear();")
-    set_settings(browser, max_tokens=12)
+    set_settings(browser, **settings)
     reload(browser)
     browser.get_log("browser")  # drop messages from earlier pages
     yield browser
     # HTTP error statuses are logged by Chromium as "network" entries; the error test provokes one on purpose
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e.get("source") != "network"]
     assert not errors, f"browser console errors: {errors}"
+
+
+@pytest.fixture
+def page(browser, server):
+    """The long-context model's page, 12 tokens per reply."""
+    yield from fresh_page(browser, server.url, max_tokens=12)
+
+
+@pytest.fixture
+def small_page(browser, small_server):
+    """The 256-token model's page with the default 512 tokens per reply: more than the whole context."""
+    yield from fresh_page(browser, small_server.url, max_tokens=512)
 
 
 def set_settings(driver, **overrides) -> None:
@@ -271,13 +302,13 @@ def test_sse_parser_handles_split_lines_and_utf8(page):
 
 
 def test_server_errors_are_shown_readably(page):
-    set_settings(page, max_tokens=100000)
+    set_settings(page, temperature=5)  # the settings dialog refuses this; stored settings can still hold it
     reload(page)
-    send(page, "too long")
+    send(page, "too hot")
     banner = wait(page, lambda d: d.find_element(By.ID, "error-banner") if d.find_element(
         By.ID, "error-banner").is_displayed() else False)
-    assert banner.text.startswith("Error 400: this model's context is 8192 tokens")
-    assert "lower max_tokens" in page.find_element(By.CSS_SELECTOR, ".message.assistant .error-text").text
+    assert banner.text.startswith("Error 400: temperature: Input should be less than or equal to 2")
+    assert "temperature" in page.find_element(By.CSS_SELECTOR, ".message.assistant .error-text").text
 
 
 def test_raw_completion_mode(page, server):
@@ -347,3 +378,92 @@ def test_api_key_from_settings(browser, server_root):
         reload(browser)
         browser.find_element(By.CSS_SELECTOR, ".message.assistant .regenerate").click()
         wait(browser, lambda d: messages(d) == [("user", "hello?"), ("assistant", LONG_WORD * 12)] and idle(d))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A conversation longer than the model's context (the demo's 256 tokens): never a 400, and the page says what
+# the model did not see.
+
+def logged_requests(server) -> list[dict]:
+    return [json.loads(line) for path in sorted((server.root / "log").glob("*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+def chat_tokens(server, messages: list[dict]) -> int:
+    return len(server.tokenizer.render_for_completion({"messages": messages}))
+
+
+def store_conversation(driver, conversation: dict) -> None:
+    driver.execute_script("localStorage.setItem('nanochat.conversations', arguments[0]);"
+                          "localStorage.setItem('nanochat.current', JSON.stringify(arguments[1]));",
+                          json.dumps([conversation]), conversation["id"])
+    reload(driver)
+
+
+def notice(driver) -> str:
+    return driver.execute_script("const n = document.querySelectorAll('#messages .message.assistant .notice');"
+                                 "return n.length ? n[n.length - 1].innerText : '';")
+
+
+def test_chat_longer_than_the_context_drops_the_oldest_turns(small_page, small_server):
+    history = []
+    for turn in range(6):
+        history.append({"role": "user", "content": f"Question {turn}: the cat sat on the mat, and then what did "
+                                                   f"the dog do in the garden after lunch on day {turn}?"})
+        history.append({"role": "assistant", "content": f"Answer {turn}: the dog ran around the garden, dug a hole "
+                                                        f"and slept in the sun until the evening of day {turn}."})
+    assert chat_tokens(small_server, history + [{"role": "user", "content": "x"}]) > 2 * SMALL_CONTEXT
+    store_conversation(small_page, {"id": "clong", "title": "long", "mode": "chat", "updated": 1,
+                                    "messages": history})
+    before = len(logged_requests(small_server))
+    send_and_wait(small_page, "And what happened next?")
+    assert not small_page.find_element(By.ID, "error-banner").is_displayed()
+    wait(small_page, lambda d: len(logged_requests(small_server)) == before + 1)
+    sent = logged_requests(small_server)[-1]
+    conversation = history + [{"role": "user", "content": "And what happened next?"}]
+    dropped = len(conversation) - len(sent["messages"])
+    assert dropped > 0 and sent["messages"] == conversation[dropped:]
+    assert notice(small_page) == (f"The {dropped} oldest messages were left out: they no longer fit the model's "
+                                  f"{SMALL_CONTEXT}-token context.")
+    prompt_tokens = chat_tokens(small_server, sent["messages"])
+    reserve = SMALL_CONTEXT // 4
+    assert prompt_tokens + reserve <= SMALL_CONTEXT < chat_tokens(small_server, conversation[dropped - 2:]) + reserve, \
+        "only as many turns as needed are dropped"
+    assert sent["completion_tokens"] == SMALL_CONTEXT - prompt_tokens, "the reply gets all the room left"
+    assert messages(small_page)[-1] == ("assistant", LONG_WORD * sent["completion_tokens"])
+    assert "context full" in last_meta(small_page)
+    assert len(messages(small_page)) == len(conversation) + 1, "the page still shows the whole conversation"
+    screenshot(small_page, "ui-context-dropped.png")
+
+
+def test_chat_message_longer_than_the_context_is_refused_in_the_page(small_page, small_server):
+    served = stats(small_server)["requests_served"]
+    small_page.execute_script("document.getElementById('input').value = arguments[0];", "the cat sat " * 200)
+    send(small_page, "?")
+    wait(small_page, lambda d: idle(d) and d.find_element(By.ID, "error-banner").is_displayed())
+    text = small_page.find_element(By.CSS_SELECTOR, "#error-banner .text").text
+    assert text.startswith("Your message needs ") and text.endswith(
+        f"but this model's context is {SMALL_CONTEXT} tokens; shorten it.")
+    assert stats(small_server)["requests_served"] == served and stats(small_server)["requests_rejected"] == 0
+
+
+def test_raw_prompt_longer_than_the_context_keeps_its_end(small_page, small_server):
+    small_page.find_element(By.CSS_SELECTOR, "#mode option[value='raw']").click()
+    prompt = "".join(f"Line {i}: once upon a time a cat sat on a mat. " for i in range(40)) + "The end"
+    assert len(small_server.tokenizer.encode(prompt)) > 2 * SMALL_CONTEXT
+    before = len(logged_requests(small_server))
+    small_page.execute_script("document.getElementById('input').value = arguments[0];", prompt)
+    count = len(messages(small_page))
+    small_page.find_element(By.ID, "input").send_keys(Keys.ENTER)
+    wait(small_page, lambda d: len(messages(d)) == count + 2 and idle(d) and last_meta(d) != "")
+    assert not small_page.find_element(By.ID, "error-banner").is_displayed()
+    wait(small_page, lambda d: len(logged_requests(small_server)) == before + 1)
+    sent = logged_requests(small_server)[-1]
+    cut = len(prompt) - len(sent["prompt"])
+    assert cut > 0 and prompt[cut:] == sent["prompt"]
+    assert notice(small_page) == (f"The first {cut} characters of the prompt were left out: they do not fit the "
+                                  f"model's {SMALL_CONTEXT}-token context.")
+    prompt_tokens = 1 + len(small_server.tokenizer.encode(sent["prompt"]))  # <|bos|> first
+    assert prompt_tokens <= SMALL_CONTEXT - SMALL_CONTEXT // 4
+    assert sent["completion_tokens"] == SMALL_CONTEXT - prompt_tokens
+    assert messages(small_page)[0] == ("user", prompt), "the page still shows the whole prompt"

@@ -29,7 +29,8 @@ from nanochat.server.errors import APIError, install_error_handlers
 from nanochat.server.guard import RequestGuard, key_matches
 from nanochat.server.generation import Outcome, SamplingParams
 from nanochat.server.completions import SSE_HEADERS, Generation, Shape, collect, stream
-from nanochat.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from nanochat.server.schemas import (ChatCompletionRequest, CompletionRequest, SamplingRequest, TokenizeRequest,
+                                     plain_messages)
 from nanochat.server.workers import Worker, WorkerPool
 
 logger = logging.getLogger("nanochat.server")
@@ -54,6 +55,16 @@ class LoadedModel:
     max_seq_len: int
     model_id: str
     info: dict  # source, tag, step: shown by /v1/models and the UI
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """What the model reads before its reply; /v1/chat/completions and /v1/tokenize count the same ids."""
+    return tokenizer.render_for_completion({"messages": messages})
+
+
+def text_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """What a base model continues; /v1/completions and /v1/tokenize count the same ids."""
+    return tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
 
 
 def ui_dir() -> Path:
@@ -136,15 +147,29 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
                               seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
                               stops=body.stop, num_samples=body.n)
 
-    async def serve(request: Request, body: SamplingRequest, tokenize: Callable[[object], list[int]], chat: bool,
-                    logged: dict):
+    async def tokenize_in_queue(request: Request, tokenize: Callable[[object], list[int]]
+                                ) -> tuple[Generation, list[int]] | None:
+        """A worker, then the prompt's ids; None if the client left while queued. Tokenized only once a worker is
+        ours, off the event loop: max_queue then bounds this CPU work too. The caller starts or closes the
+        generation."""
         model, pool = ready()
         generation = Generation(pool, request)
         if not await generation.acquire():
-            return Response(status_code=CLIENT_GONE)
+            return None
         try:
-            # tokenized only once a worker is ours, off the event loop: max_queue then bounds this CPU work too
-            prompt_ids = await asyncio.to_thread(tokenize, model.tokenizer)
+            return generation, await asyncio.to_thread(tokenize, model.tokenizer)
+        except BaseException:
+            generation.close()
+            raise
+
+    async def serve(request: Request, body: SamplingRequest, tokenize: Callable[[object], list[int]], chat: bool,
+                    logged: dict):
+        model, _ = ready()
+        taken = await tokenize_in_queue(request, tokenize)
+        if taken is None:
+            return Response(status_code=CLIENT_GONE)
+        generation, prompt_ids = taken
+        try:
             params = sampling_params(body, len(prompt_ids), model.max_seq_len, "messages" if chat else "prompt")
         except BaseException:
             generation.close()
@@ -193,14 +218,27 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
 
     @app.post("/v1/chat/completions", summary="OpenAI chat completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await serve(request, body, lambda tokenizer: tokenizer.render_for_completion({"messages": messages}),
+        messages = plain_messages(body.messages)
+        return await serve(request, body, lambda tokenizer: chat_prompt_ids(tokenizer, messages),
                            chat=True, logged={"messages": messages})
 
     @app.post("/v1/completions", summary="raw text completion (base models)")
     async def completions(body: CompletionRequest, request: Request):
-        return await serve(request, body, lambda tokenizer: tokenizer.encode(body.prompt,
-                                                                           prepend=tokenizer.bos_token_id),
+        return await serve(request, body, lambda tokenizer: text_prompt_ids(tokenizer, body.prompt),
                            chat=False, logged={"prompt": body.prompt})
+
+    @app.post("/v1/tokenize", summary="count the prompt tokens of a chat or a raw prompt (not in OpenAI's API)")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        model, _ = ready()
+        if body.prompt is not None:
+            taken = await tokenize_in_queue(request, lambda tokenizer: text_prompt_ids(tokenizer, body.prompt))
+        else:
+            messages = plain_messages(body.messages)
+            taken = await tokenize_in_queue(request, lambda tokenizer: chat_prompt_ids(tokenizer, messages))
+        if taken is None:
+            return Response(status_code=CLIENT_GONE)
+        generation, prompt_ids = taken
+        generation.close()
+        return {"count": len(prompt_ids), "max_seq_len": model.max_seq_len}
 
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 64_000
@@ -36,6 +36,11 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+def plain_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The {"role", "content"} dicts the tokenizer renders (list-of-parts content joined)."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
 class StreamOptions(BaseModel):
@@ -76,6 +81,28 @@ class SamplingRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+def checked_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """A conversation the chat template can render: an optional system message, then user and assistant
+    alternating, ending with the user."""
+    total = sum(len(m.text()) for m in messages)
+    if total > MAX_PROMPT_CHARS:
+        raise ValueError(f"the messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}")
+    turns = messages[1:] if messages[0].role == "system" else messages
+    if any(m.role == "system" for m in turns):
+        raise ValueError("a system message may only come first")
+    if not turns:
+        raise ValueError("add a user message after the system message")
+    offset = len(messages) - len(turns)
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise ValueError(f"turns must alternate user, assistant, user, ...; message {i + offset} "
+                             f"is {message.role!r} where {expected!r} was expected")
+    if turns[-1].role != "user":
+        raise ValueError("the last message must be from the user")
+    return messages
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -83,23 +110,7 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("messages")
     @classmethod
     def check_turns(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        total = sum(len(m.text()) for m in messages)
-        if total > MAX_PROMPT_CHARS:
-            raise ValueError(f"the messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}")
-        turns = messages[1:] if messages[0].role == "system" else messages
-        if any(m.role == "system" for m in turns):
-            raise ValueError("a system message may only come first")
-        if not turns:
-            raise ValueError("add a user message after the system message")
-        offset = len(messages) - len(turns)
-        for i, message in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message.role != expected:
-                raise ValueError(f"turns must alternate user, assistant, user, ...; message {i + offset} "
-                                 f"is {message.role!r} where {expected!r} was expected")
-        if turns[-1].role != "user":
-            raise ValueError("the last message must be from the user")
-        return messages
+        return checked_turns(messages)
 
     def requested_max_tokens(self) -> int | None:
         given = [v for v in (self.max_tokens, self.max_completion_tokens) if v is not None]
@@ -108,3 +119,23 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class TokenizeRequest(BaseModel):
+    """Either `messages` or `prompt`: the token count /v1/chat/completions or /v1/completions would see."""
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("messages")
+    @classmethod
+    def check_turns(cls, messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        return None if messages is None else checked_turns(messages)
+
+    @model_validator(mode="after")
+    def one_of_messages_or_prompt(self) -> TokenizeRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send either messages (a chat) or prompt (raw text), not both or neither")
+        return self
+

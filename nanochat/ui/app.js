@@ -1,6 +1,7 @@
 // The chat page: conversations, streaming replies, stop / regenerate / edit / copy, settings, raw mode.
 // Model text reaches the page only through renderMarkdown (DOM nodes) or textContent.
 
+import { fitChat, fitPrompt } from "./context.js";
 import { renderMarkdown } from "./markdown.js";
 import { readEvents } from "./sse.js";
 import * as store from "./store.js";
@@ -190,8 +191,13 @@ function statsText(message) {
     if (ttft !== undefined) parts.push(`first token ${Math.round(ttft * 1000)} ms`);
   }
   if (message.stopped) parts.push("stopped");
-  if (message.finish_reason === "length") parts.push("hit max tokens");
+  if (message.finish_reason === "length") parts.push(message.context_full ? "context full" : "hit max tokens");
   return parts.join(" · ");
+}
+
+// What the model did not see of the conversation (context.js), shown above its reply.
+function noticeNode(text) {
+  return Object.assign(document.createElement("div"), { className: "notice", textContent: text });
 }
 
 function messageNode(message, index, conversation) {
@@ -204,7 +210,9 @@ function messageNode(message, index, conversation) {
   const content = document.createElement("div");
   content.className = "content";
   renderContent(content, message, conversation);
-  node.append(role, content);
+  node.append(role);
+  if (message.notice) node.append(noticeNode(message.notice));
+  node.append(content);
   if (message.error) {
     const error = document.createElement("div");
     error.className = "error-text";
@@ -287,21 +295,34 @@ function startEdit(node, index) {
 // ---------------------------------------------------------------------------------------------------------
 // Generation
 
-function requestFor(conversation) {
+async function countTokens(body, signal) {
+  const response = await fetch("/v1/tokenize", {
+    method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal,
+  });
+  if (!response.ok) throw new Error(await describeError(response));
+  const { count, max_seq_len: context } = await response.json();
+  return { count, context };
+}
+
+// The request for the reply being generated, fitted to the model's context (see context.js).
+async function requestFor(conversation, signal) {
   const history = conversation.messages.slice(0, -1);  // the last entry is the reply being generated
+  const count = (body) => countTokens(body, signal);
+  const wanted = Number(settings.max_tokens);
   const common = {
     stream: true,
     stream_options: { include_usage: true },
     temperature: Number(settings.temperature),
     top_k: Number(settings.top_k),
-    max_tokens: Number(settings.max_tokens),
   };
   if (conversation.mode === "raw") {
-    return { url: "/v1/completions", body: { ...common, prompt: history[history.length - 1].content } };
+    const fit = await fitPrompt(history[history.length - 1].content, wanted, count);
+    return { url: "/v1/completions", fit, body: { ...common, prompt: fit.prompt, max_tokens: fit.maxTokens } };
   }
-  const messages = history.map((m) => ({ role: m.role, content: m.content }));
-  if (settings.system_prompt.trim()) messages.unshift({ role: "system", content: settings.system_prompt });
-  return { url: "/v1/chat/completions", body: { ...common, messages } };
+  const turns = history.map((m) => ({ role: m.role, content: m.content }));
+  const system = settings.system_prompt.trim() ? settings.system_prompt : "";
+  const fit = await fitChat(turns, system, wanted, count);
+  return { url: "/v1/chat/completions", fit, body: { ...common, messages: fit.messages, max_tokens: fit.maxTokens } };
 }
 
 function setBusy(busy) {
@@ -333,7 +354,13 @@ async function generate(conversation) {
   let firstToken = null;
   let usage = null;
   try {
-    const { url, body } = requestFor(conversation);
+    const { url, body, fit } = await requestFor(conversation, controller.signal);
+    if (fit.capped) reply.context_full = true;
+    if (fit.notice) {
+      reply.notice = fit.notice;
+      const node = replyNode();
+      if (node) node.querySelector(".content").before(noticeNode(reply.notice));
+    }
     const response = await fetch(url, {
       method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: controller.signal,
     });
