@@ -20,9 +20,8 @@ import random
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from nanochat.common import UserError
+from nanochat.common import UserError, accumulator_dtype, sum_across_ranks
 from tasks.common import Task
 
 IGNORE = -1
@@ -157,20 +156,17 @@ def estimate_packed_rows(tokenizer, task: Task, seq_len: int, sample_size: int =
 
 def loader_totals(batches: ChatBatches) -> dict[str, int]:
     """Conversations taken and cropped so far, summed over ranks (each rank counts only its own)."""
-    counts = torch.tensor([batches.position, batches.overlong], dtype=torch.float64, device=batches.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = sum_across_ranks([batches.position, batches.overlong], batches.device)
     return {"conversations": int(counts[0].item()), "overlong": int(counts[1].item())}
 
 
 @torch.no_grad()
 def evaluate_chat_loss(model, batches, num_batches: int) -> float:
     """Mean loss per trained token over `num_batches` batches, summed over every rank."""
-    total = torch.zeros(2, dtype=torch.float64, device=batches.device)
+    total = torch.zeros(2, dtype=accumulator_dtype(batches.device), device=batches.device)
     for _ in range(num_batches):
         inputs, targets = next(batches)
-        total[0] += model(inputs, targets, loss_reduction="sum").double()
+        total[0] += model(inputs, targets, loss_reduction="sum").to(total.dtype)
         total[1] += (targets != IGNORE).sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+    total = sum_across_ranks(total, batches.device)
     return (total[0] / total[1].clamp(min=1)).item()

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.common import UserError, print0
+from nanochat.common import UserError, print0, sum_across_ranks
 from nanochat.core_eval import centered
 from nanochat.engine import fit_prompt
 from tasks.common import Task
@@ -74,9 +73,7 @@ def problem_indices(task: Task, max_problems: int, rank: int, world_size: int) -
 
 
 def sum_over_ranks(correct: int, total: int, device) -> tuple[int, int]:
-    counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = sum_across_ranks([correct, total], device)
     return int(counts[0].item()), int(counts[1].item())
 
 

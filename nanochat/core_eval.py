@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from nanochat.common import UserError, atomic_path, get_base_dir
+from nanochat.common import UserError, atomic_path, get_base_dir, sum_across_ranks
 from nanochat.download import download_file, validate_zip
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -283,9 +282,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, device, max_seq_len: int, ma
         correct += sum(item_correct(task, i, by_item[i]) for i in group)
         bar.update(len(group))
     bar.close()
-    counts = torch.tensor([correct, len(items)], dtype=torch.float64, device=device)
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = sum_across_ranks([correct, len(items)], device)
     return (counts[0] / counts[1].clamp(min=1)).item()
 
 

@@ -10,20 +10,23 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from nanochat.common import accumulator_dtype, model_device
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches: Iterator, num_steps: int, token_bytes: torch.Tensor) -> float:
     """bpb over `num_steps` batches of `(inputs, targets, ...)`; `token_bytes[id]` is each token's byte length."""
-    total_nats = torch.zeros((), dtype=torch.float64)
-    total_bytes = torch.zeros((), dtype=torch.int64)
+    # on the model's device even when no step runs: NCCL reduces only device tensors
+    device = model_device(model)
+    total_nats = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    token_bytes = token_bytes.to(device)
     for _ in range(num_steps):
         inputs, targets = next(batches)[:2]  # already on the model's device (the loader puts them there)
-        token_bytes, total_nats, total_bytes = (t.to(targets.device)
-                                                for t in (token_bytes, total_nats, total_bytes))
         losses = model(inputs, targets, loss_reduction="none").reshape(-1)
         flat = targets.reshape(-1)
         num_bytes = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], torch.zeros_like(flat))
-        total_nats += (losses.double() * (num_bytes > 0)).sum()
+        total_nats += (losses.to(total_nats.dtype) * (num_bytes > 0)).sum()
         total_bytes += num_bytes.sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats)

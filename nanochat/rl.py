@@ -8,9 +8,9 @@ not calculator output the engine forced, not padding). The trainer's `loss_fn` h
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from nanochat.chat_data import IGNORE
+from nanochat.common import autocast_context, sum_across_ranks
 from nanochat.engine import Engine, fit_prompt
 from tasks.common import Task
 
@@ -19,12 +19,14 @@ class RolloutBatches:
     """`(inputs, targets, advantages)` per question, sampled on demand; the state is the question position."""
 
     def __init__(self, model, tokenizer, task: Task, num_samples: int, max_new_tokens: int, temperature: float,
-                 top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0):
+                 top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
         self.engine, self.tokenizer, self.task = Engine(model, tokenizer), tokenizer, task
         self.max_seq_len = model.config.max_seq_len
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
+        self.dtype = dtype  # rollouts sample in the training compute dtype, as the loss is computed
         self.assistant_end = tokenizer.encode_special("<|assistant_end|>")
         self.position = 0
         self.reward_sum = 0.0
@@ -39,9 +41,10 @@ class RolloutBatches:
         prompt, budget = fit_prompt(self.tokenizer.render_for_completion(conversation), self.max_seq_len,
                                     self.max_new_tokens)
         # The seed follows the question, so a resumed run samples exactly what the original would have.
-        results, masks = self.engine.generate_batch(prompt, num_samples=self.num_samples, max_tokens=budget,
-                                                    temperature=self.temperature, top_k=self.top_k,
-                                                    seed=self.seed * 1_000_003 + index)
+        with autocast_context(self.device, self.dtype):
+            results, masks = self.engine.generate_batch(prompt, num_samples=self.num_samples, max_tokens=budget,
+                                                        temperature=self.temperature, top_k=self.top_k,
+                                                        seed=self.seed * 1_000_003 + index)
         self.position += 1
         rows, rewards = [], []
         for tokens, mask in zip(results, masks):
@@ -85,7 +88,7 @@ def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_t
               top_k: int | None, rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
     """pass@1..k: the fraction of the first `num_problems` problems that one of the first j samples solves."""
     engine = Engine(model, tokenizer)
-    solved = torch.zeros(k + 1, dtype=torch.float64)  # solved[j-1] counts pass@j; the last entry counts problems
+    solved = [0] * (k + 1)  # solved[j-1] counts pass@j; the last entry counts problems
     for index in range(rank, min(num_problems, len(task)), world_size):
         conversation = task[index]
         prompt, budget = fit_prompt(tokenizer.render_for_completion(conversation), model.config.max_seq_len,
@@ -94,9 +97,8 @@ def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_t
                                            top_k=top_k, seed=seed + index)
         correct = [task.evaluate(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
         for j in range(1, k + 1):
-            solved[j - 1] += float(any(correct[:j]))
+            solved[j - 1] += any(correct[:j])
         solved[k] += 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(solved)
+    solved = sum_across_ranks(solved, engine.device)
     problems = solved[k].clamp(min=1)
     return {f"pass@{j}": (solved[j - 1] / problems).item() for j in range(1, k + 1)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,7 +18,8 @@ import torch.distributed as torch_dist
 
 from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage, load_checkpoint, load_model_state,
                                  remove_partial, restore_rng_state, save_checkpoint, step_dir)
-from nanochat.common import DistInfo, UserError, atomic_write, device_peak_flops, init_wandb, print0, resolve_dtype
+from nanochat.common import (DistInfo, UserError, atomic_write, autocast_context, device_peak_flops, init_wandb,
+                             print0, resolve_dtype)
 from nanochat.flags import TrainFlags
 
 LOSS_EMA_BETA = 0.9
@@ -192,7 +192,7 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
     dtype = resolve_dtype(device.type, flags.dtype)
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        return autocast_context(device, dtype)
 
     meta = {"flags": asdict(flags), **(meta or {})}
     log = TrainLog(checkpoint_dir, dist.is_master)
@@ -208,9 +208,11 @@ def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[
                         "raise --num_iterations")
 
     compile_model = flags.compile if flags.compile is not None else device.type == "cuda"
-    train_model = torch.compile(model, dynamic=False) if compile_model else model
+    # dynamic=None: a second row length (SFT, RL) compiles once for any length instead of once per length,
+    # which with dynamic=False would hit the recompile limit and silently fall back to eager
+    train_model = torch.compile(model, dynamic=None) if compile_model else model
     wandb_run = init_wandb(flags.run, wandb_project, meta, dist.is_master)
-    peak = device_peak_flops(device)
+    peak = device_peak_flops(device, dtype)
     result = TrainResult(step=start_step)
     model.train()
     timed_steps, timed_seconds = 0, 0.0

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model
-from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, seed_everything
+from nanochat.common import (UserError, autodetect_device_type, broadcast_parameters, cleanup_distributed,
+                             init_distributed, print0, seed_everything)
 from nanochat.dataloader import PACKINGS, PretrainLoader, describe_stats
 from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, seq_len, dist.world_size)
     seed_everything(flags.seed)  # the same seed on every rank: identical initial weights everywhere
     model = create_model(config, dist.device)
+    broadcast_parameters(model)
     model.activation_checkpointing = flags.activation_checkpointing
     flops_per_token = model.estimate_flops(seq_len)
     counts = model.num_params()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nanochat import report
 from nanochat.chat_stage import StageFlags, examples_accum_steps, stage_optimizers, start_stage
-from nanochat.common import UserError, cleanup_distributed, print0
+from nanochat.common import UserError, cleanup_distributed, print0, resolve_dtype
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from nanochat.schedules import warmup_warmdown
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
            f"{flags.examples_per_step} questions × {flags.num_samples} samples")
     top_k = None if flags.top_k == -1 else flags.top_k
     batches = RolloutBatches(model, tokenizer, train_task, flags.num_samples, flags.max_new_tokens,
-                             flags.temperature, top_k, dist.device, dist.rank, dist.world_size, flags.seed)
+                             flags.temperature, top_k, dist.device, dist.rank, dist.world_size, flags.seed,
+                             resolve_dtype(dist.device.type, flags.dtype))
 
     def evaluate(eval_model, step):
         metrics = pass_at_k(eval_model, tokenizer, val_task, flags.eval_examples, flags.eval_samples,

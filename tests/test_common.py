@@ -40,7 +40,6 @@ def test_device_autodetect_and_override():
 
 
 @pytest.mark.parametrize("device_type, requested, expected", [
-    ("cuda", "auto", torch.bfloat16),
     ("cpu", "auto", torch.float32),
     ("cpu", "bfloat16", torch.bfloat16),
     ("cuda", "float32", torch.float32),

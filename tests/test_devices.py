@@ -1,0 +1,153 @@
+"""Device and distributed facts: the failures that only show on 8×H100 (NCCL), several nodes, one 3090 or a Mac,
+each caught here on CPU. The collective-device spy and the no-float64-on-device check (tests/device_spy.py)
+run every stage under two gloo ranks."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanochat import common
+from nanochat.checkpoint import create_model
+from tests.device_spy import CollectiveSpy, HostTracker
+from tests.test_tasks_chat import WORDS
+from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, subprocess_env, torchrun_cmd
+
+
+def test_spy_flags_the_patterns_that_crash_on_gpus_and_macs():
+    """The old pass_at_k (host float64 all-reduced), loss_eval with zero steps (host totals) and chat_eval's
+    float64 counts on the device: each is reported, and the fixed forms are not."""
+    spy, tracker = CollectiveSpy(), HostTracker()
+    spy.device = torch.device("cpu")
+    device = torch.device("cpu")
+    with tracker:
+        solved = torch.zeros(3, dtype=torch.float64)
+        solved[0] += 1.0
+        spy.check("all_reduce", (solved,), {})
+        spy.check("all_reduce", (torch.zeros((), dtype=torch.int64),), {})
+        spy.check("all_reduce", (torch.tensor([1.0, 2.0]).sum() * 2,), {})
+        counts = torch.tensor([3, 4], dtype=torch.float64, device=device)
+        assert len(spy.violations) == 3 and len(tracker.float64) == 1
+        spy.check("all_reduce", (counts,), {})
+        moved = torch.zeros(3).to(device)
+        spy.check("all_reduce", (moved + torch.tensor(1.0),), {})
+        spy.check("all_gather", ([torch.empty(2, device=device)], torch.ones(2, device=device)), {})
+        spy.check("broadcast", (torch.nn.Linear(2, 2).to(device).weight,), {})
+    assert len(spy.violations) == 3
+    assert spy.calls == {"all_reduce": 5, "all_gather": 1, "broadcast": 1}
+
+
+def test_bpb_over_zero_steps_reduces_device_tensors(tmp_path):
+    """A rank with no val batches still joins the all-reduce, with tensors on the model's device."""
+    from nanochat.loss_eval import evaluate_bpb
+    from tests.training_fixtures import tiny_config
+
+    model = create_model(tiny_config(64), "cpu")
+    spy, tracker = CollectiveSpy(), HostTracker()
+    spy.device = torch.device("cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    spy.install()
+    try:
+        with tracker:
+            assert math.isnan(evaluate_bpb(model, iter(()), 0, torch.ones(64, dtype=torch.int64)))
+    finally:
+        spy.uninstall()
+        dist.destroy_process_group()
+    assert spy.calls == {"all_reduce": 2} and spy.violations == []
+
+
+@pytest.mark.slow
+def test_every_stage_reduces_device_tensors_and_makes_no_float64_on_the_device(base_dir, shared_data, tmp_path):
+    """base_train, base_loss, base_eval (CORE), mid, SFT, RL and chat_eval under two gloo ranks, in one process
+    group. See tests/device_spy.py for how a CPU run catches what would crash on NCCL or MPS."""
+    make_mini_corpus(base_dir, shared_data)
+    (base_dir / "eval_bundle").symlink_to(shared_data / "core")
+    (base_dir / "eval_data").symlink_to(shared_data / "eval")
+    words = base_dir / "words.txt"
+    words.write_text("\n".join(WORDS) + "\n")
+    chat = ["--chat_data", str(shared_data / "chat"), "--words_file", str(words), "--eval_batches", "1",
+            "--chat_examples", "24"]
+    stages = [
+        ("scripts.base_train", [*TINY_MODEL_ARGS, "--device_batch_size=2", "--total_batch_size=128",
+                                "--eval_tokens=128", "--sample_every=-1", "--num_iterations=2", "--eval_every=2"]),
+        ("scripts.base_loss", ["--device_batch_size=2", "--split_tokens=128", "--sample_tokens=2"]),
+        ("scripts.base_eval", ["--max_per_task=2", "--batch_size=4"]),
+        ("scripts.mid_train", [*chat, "--device_batch_size=2", "--total_batch_size=128", "--num_iterations=1",
+                               "--eval_every=1"]),
+        ("scripts.chat_sft", [*chat, "--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=1",
+                              "--eval_every=1", "--chat_eval_every=1", "--chat_eval_max=2"]),
+        ("scripts.chat_rl", ["--task=arithmetic", "--train_examples=8", "--num_samples=2", "--examples_per_step=2",
+                             "--max_new_tokens=6", "--eval_examples=2", "--eval_samples=2", "--num_iterations=1",
+                             "--eval_every=1"]),
+        ("scripts.chat_eval", ["-i", "rl", "-a", "ARC-Easy|GSM8K", "-x", "2", "--max_new_tokens=6"]),
+    ]
+    out = tmp_path / "spy"
+    out.mkdir()
+    result = subprocess.run(torchrun_cmd(2, "-m", "tests.device_spy", str(out), json.dumps(stages)),
+                            capture_output=True, text=True, env=subprocess_env(base_dir), timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for rank in (0, 1):
+        seen = json.loads((out / f"rank{rank}.json").read_text())
+        assert seen["violations"] == [], seen["violations"][:5]
+        assert seen["float64"] == [], seen["float64"][:5]
+        # the spy really watched: the loss average, the evals' sums and both sharded optimizers' collectives
+        assert seen["calls"]["all_reduce"] >= 10
+        assert {"reduce_scatter", "all_gather", "broadcast"} <= set(seen["calls"]), seen["calls"]
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 0), torch.float32),   # V100: bf16 only emulated
+    ((7, 5), torch.float32),   # T4
+    ((8, 0), torch.bfloat16),  # A100
+    ((8, 6), torch.bfloat16),  # RTX 3090
+    ((8, 9), torch.bfloat16),  # RTX 4090, L4
+    ((9, 0), torch.bfloat16),  # H100
+])
+def test_auto_dtype_on_cuda_is_bfloat16_only_with_native_support(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert common.resolve_dtype("cuda", "auto") == expected
+    assert common.resolve_dtype("cuda", "bfloat16") == torch.bfloat16  # an explicit choice still wins
+
+
+# `torch.cuda.get_device_name` strings as real machines report them, with their dense bf16 peak
+DEVICE_NAMES = [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA H800", 989e12),
+    ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA A10G", 70e12),
+    ("NVIDIA A10", 125e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA RTX A6000", 155e12),
+    ("NVIDIA RTX 6000 Ada Generation", 364e12),
+    ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA GeForce RTX 3090 Ti", 80e12),
+    ("NVIDIA GeForce RTX 3080", 59.5e12),
+    ("NVIDIA GeForce RTX 3080 Ti", 68e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA GeForce RTX 4080 SUPER", 104e12),
+    ("NVIDIA GeForce RTX 5090", 209e12),
+    ("Tesla V100-SXM2-16GB", None),  # no native bf16: such a run is float32
+    ("Tesla T4", None),
+    ("NVIDIA RTX A4000", None),      # not in the table: GFLOP/s instead of a made-up MFU
+]
+
+
+@pytest.mark.parametrize("name, flops", DEVICE_NAMES)
+def test_peak_flops_by_exact_device_name(name, flops):
+    assert common.peak_flops(name) == flops
+    assert common.peak_flops(name, torch.float32) is None  # a float32 run is not measured against bf16 peaks
