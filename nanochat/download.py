@@ -1,6 +1,7 @@
 """The one download helper: every shard, eval set, chat file and bundle the project fetches goes through it.
 
     download_file(url, dest, validate=validate_parquet, desc="shard 3")
+    download_shards(8)        # pretraining shards 0..7 + the validation shard, in parallel, into base_data/
 
 A download streams into a hidden temp file next to `dest`, checks its size against Content-Length, runs the
 optional validator, fsyncs, and only then renames onto `dest`. Timeouts, connection errors, cut bodies, 5xx/429
@@ -10,9 +11,11 @@ and files that fail validation are retried with exponential backoff; other HTTP 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +24,7 @@ import requests
 from tqdm import tqdm
 
 from nanochat.common import UserError, fsync_dir
+from nanochat.shards import data_dir, shard_name
 
 CHUNK_BYTES = 1 << 20
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -159,3 +163,64 @@ def fetch_once(url: str, tmp: Path, timeout: float, desc: str, progress: bool,
     if expected is not None and received != expected:
         raise RetryableError(f"got {received} bytes, Content-Length said {expected}")
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining shards
+
+FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
+FINEWEB_VAL_INDEX = 1822  # the last of the 1823 shards; nanochat users hold it out for validation
+
+
+def resolve_url_template(url_template: str = "") -> str:
+    """--url_template, else $NANOCHAT_DATA_URL, else the FineWeb-Edu shuffle on the Hub ($HF_ENDPOINT);
+    `{index}` is the shard."""
+    template = (url_template or os.environ.get("NANOCHAT_DATA_URL")
+                or hub_file_url(FINEWEB_REPO, "shard_{index:05d}.parquet"))
+    try:
+        template.format(index=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"--url_template must contain {{index}} (e.g. .../shard_{{index:05d}}.parquet), "
+                        f"got {template!r}") from exc
+    if template.format(index=0) == template.format(index=1):
+        raise UserError(f"--url_template must contain {{index}}, got {template!r}")
+    return template
+
+
+def download_shards(num_train: int, url_template: str = "", num_workers: int = 4,
+                    val_index: int = FINEWEB_VAL_INDEX, directory: Path | None = None,
+                    retries: int = 5, backoff_s: float = 1.0) -> list[Path]:
+    """Download train shards 0..num_train-1 plus the validation shard, in parallel; valid ones are skipped."""
+    if not 1 <= num_train <= val_index:
+        raise UserError(f"-n must be between 1 and {val_index} (the validation shard's index), got {num_train}")
+    template = resolve_url_template(url_template)
+    directory = directory or data_dir()
+    indexes = list(range(num_train)) + [val_index]
+    stop = threading.Event()
+    received = [0]
+    lock = threading.Lock()
+
+    def count(num_bytes: int) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # unwinds the worker so download_file removes its temp file
+        with lock:
+            received[0] += num_bytes
+
+    def fetch(index: int) -> Path:
+        return download_file(template.format(index=index), directory / shard_name(index), validate=validate_parquet,
+                             retries=retries, backoff_s=backoff_s, progress=False, on_bytes=count)
+
+    paths = []
+    with tqdm(total=len(indexes), unit="shard", desc="shards") as bar, \
+            ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        futures = [pool.submit(fetch, index) for index in indexes]
+        try:
+            for future in as_completed(futures):
+                paths.append(future.result())
+                bar.update(1)
+                bar.set_postfix(MB_s=f"{received[0] / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        except BaseException:
+            stop.set()
+            for pending in futures:
+                pending.cancel()
+            raise
+    return sorted(paths)

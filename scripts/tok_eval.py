@@ -16,7 +16,7 @@ import tiktoken
 
 from nanochat import report
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.dataset import iter_text_batches
+from nanochat.shards import iter_text_batches
 from nanochat.encoding import META_FILE
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.tokenizer import Tokenizer, get_tokenizer

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nanochat import report
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.dataset import iter_text_batches, split_shards
+from nanochat.shards import iter_text_batches, split_shards
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 

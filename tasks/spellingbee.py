@@ -62,7 +62,7 @@ def load_words(path: Path | str | None = None) -> list[str]:
         elif SYSTEM_WORDLIST.is_file():
             words = read_word_file(SYSTEM_WORDLIST)
         else:
-            from nanochat.dataset import iter_text_batches  # only this fallback needs the shards
+            from nanochat.shards import iter_text_batches  # only this fallback needs the shards
 
             words = words_from_texts(text for batch in iter_text_batches("train") for text in batch)
             if words:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.dataset import FINEWEB_VAL_INDEX
+from nanochat.download import FINEWEB_VAL_INDEX
 
 CHAT_ROWS = {"train": 240, "test": 40}
 EVAL_ROWS = 40

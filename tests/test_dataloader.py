@@ -15,7 +15,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.dataloader import PretrainLoader, dropped_percent
-from nanochat.dataset import read_row_group
+from nanochat.shards import read_row_group
 from nanochat.tokenizer import Tokenizer
 
 ROW_GROUP = 10

