@@ -1,4 +1,4 @@
-"""HumanEval: 164 Python functions to complete; a completion passes when the task's tests run clean in the
+"""HumanEval: 164 Python functions to complete; a completion passes when the task's tests run to the end in the
 sandbox (nanochat.execution)."""
 from __future__ import annotations
 

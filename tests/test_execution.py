@@ -1,15 +1,31 @@
 """The sandbox: each escape attempt must be contained, and the parent must survive and reap everything."""
+import glob
+import json
 import os
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from nanochat.execution import SANDBOX_MARKER, SandboxLimits, execute_code
+from tasks.humaneval import HumanEval
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = SandboxLimits(timeout_s=4, cpu_seconds=3)
+# The import guard is a speed bump: this recovers ctypes from the child's leftovers to call libc directly, so
+# the tests below check the OS layers, not the guard.
+DIG_LIBC = (
+    "import gc\n"
+    "ctypes_ns = next(o for o in gc.get_objects() if isinstance(o, dict) and o.get('__name__') == 'ctypes'"
+    " and 'CDLL' in o)\n"
+    "libc = ctypes_ns['CDLL'](None, use_errno=True)\n"
+)
 
 
 def sandbox_processes(label: str) -> list[int]:
@@ -82,16 +98,9 @@ def test_ctypes_import_is_blocked():
 
 
 def test_ctypes_dug_out_of_memory_still_cannot_write_outside(tmp_path):
-    # The import guard is a speed bump: recover ctypes from the prelude's leftovers and call libc directly.
-    # The OS layers (uid drop, Landlock) must still stop the write.
+    # The OS layers (uid drop, Landlock) must stop the write.
     outside = [tmp_path / "pwned_by_ctypes", f"/tmp/pwned-{uuid.uuid4().hex}"]
-    code = (
-        "import gc\n"
-        "ns = next(o for o in gc.get_objects() if isinstance(o, dict) and o.get('__name__') == 'ctypes'"
-        " and 'CDLL' in o)\n"
-        "libc = ns['CDLL'](None)\n"
-        + "".join(f"print(libc.system(b'touch {path}'))\n" for path in outside)
-    )
+    code = DIG_LIBC + "".join(f"print(libc.system(b'touch {path}'))\n" for path in outside)
     result = execute_code(code, FAST)
     assert result.isolation, "no OS isolation layer was active"
     assert not any(os.path.exists(path) for path in outside)
@@ -147,22 +156,21 @@ def test_huge_print_is_capped():
     assert len(result.stdout) <= 2**16
 
 
+def assert_cannot_reach(server: socket.socket, connect: str) -> None:
+    """The program whose line `connect` opens `s` to the bound `server` must neither connect nor send."""
+    server.listen(1)
+    server.settimeout(0.5)
+    result = execute_code(f"import socket\n{connect}\ns.sendall(b'escaped')\nprint('connected')\n", FAST)
+    with pytest.raises(socket.timeout):
+        server.accept()
+    assert not result.success and "connected" not in result.stdout
+
+
 def test_socket_to_loopback_is_blocked():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        server.settimeout(0.5)
         port = server.getsockname()[1]
-        code = (
-            "import socket\n"
-            f"s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-            "s.sendall(b'escaped')\n"
-            "print('connected')\n"
-        )
-        result = execute_code(code, FAST)
-        with pytest.raises(socket.timeout):
-            server.accept()
-    assert not result.success and "connected" not in result.stdout
+        assert_cannot_reach(server, f"s = socket.create_connection(('127.0.0.1', {port}), timeout=2)")
 
 
 @pytest.mark.slow
@@ -207,8 +215,200 @@ def test_grandchild_of_a_finished_run_is_killed():
     assert_reaped(label)
 
 
+# Each escape runs before tests that would fail: a program that stops early must never count as passed.
+EARLY_EXITS = {
+    "exit": "exit()",
+    "sys.exit": "sys.exit(0)",
+    "SystemExit": "raise SystemExit",
+    "os._exit": "os._exit(0)",
+    "kill the process group": DIG_LIBC + "libc.kill(0, signal.SIGKILL)",
+    "forged sentinel": "print('\\nnanochat-sandbox-done-' + '0' * 32 + ' ok', flush=True)\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("escape", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_stopping_before_the_tests_end_fails(escape):
+    code = f"import os, signal, sys\n{escape}\nassert False, 'the tests fail'\n"
+    result = execute_code(code, FAST)
+    assert not result.success and result.error
+
+
+def test_program_cannot_find_the_sentinel():
+    # Everything a program can read without digging through memory: argv, environment, cmdline, open fds.
+    code = (
+        "import os, sys\n"
+        "found = [repr(sys.argv), repr(dict(os.environ)), repr(open('/proc/self/cmdline', 'rb').read())]\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n"
+        "        found.append(repr(os.read(fd, 4096)))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('\\n'.join(found))\n"
+        "os._exit(0)\n"
+    )
+    result = execute_code(code, FAST)
+    assert not result.success and "sandbox-done" not in result.stdout
+
+
+@pytest.mark.slow
+def test_every_canonical_humaneval_solution_passes(shared_data):
+    humaneval = HumanEval(data_dir=shared_data / "eval")
+    examples = [humaneval[i] for i in range(len(humaneval))]
+    assert len(examples) == 164
+
+    def passes(example):
+        return humaneval.evaluate(example, example["messages"][1]["content"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(passes, examples))
+    assert [e["task_id"] for e, ok in zip(examples, results) if not ok] == []
+
+
+def test_printing_memory_error_is_not_running_out_of_memory():
+    result = execute_code("import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)", FAST)
+    assert not result.success and not result.memory_exceeded and result.error == "MemoryError"
+
+
+def test_closing_stdout_and_stderr_keeps_the_time_limit():
+    start = time.monotonic()
+    # Close them late in the run: the wait after the pipes close must not get a fresh timeout of its own.
+    code = "import os, time\ntime.sleep(1.5)\nos.close(1)\nos.close(2)\ntime.sleep(60)"
+    result = execute_code(code, SandboxLimits(timeout_s=2))
+    assert time.monotonic() - start <= 2 + 1
+    assert result.timed_out and not result.success
+
+
+def test_other_processes_are_invisible():
+    secret = f"secret-{uuid.uuid4().hex}"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", secret],
+                                 env={"NANOCHAT_TEST_SECRET": secret})
+    code = (
+        "import os\n"
+        "pids = sorted(entry for entry in os.listdir('/proc') if entry.isdigit())\n"
+        "seen = b''\n"
+        "for pid in pids:\n"
+        "    for name in ('cmdline', 'environ'):\n"
+        "        try:\n"
+        "            seen += open(f'/proc/{pid}/{name}', 'rb').read()\n"
+        "        except OSError:\n"
+        "            pass\n"
+        f"print(pids, {secret.encode()!r} in seen)\n"
+    )
+    try:
+        result = execute_code(code, FAST)
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert result.success, result.stderr
+    assert result.stdout == "['1'] False\n"
+
+
+def test_unix_socket_connect_is_blocked():
+    directory = tempfile.mkdtemp()  # a path the sandbox uid can reach: the socket is the only wall tested
+    path = os.path.join(directory, "listener.sock")
+    try:
+        os.chmod(directory, 0o755)
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            os.chmod(path, 0o777)
+            assert_cannot_reach(server, f"s = socket.socket(socket.AF_UNIX)\ns.connect({path!r})")
+    finally:
+        os.unlink(path)
+        os.rmdir(directory)
+
+
+def test_forked_children_share_one_memory_bound():
+    block = 100 * 2**20
+    limits = SandboxLimits(timeout_s=20, memory_bytes=384 * 2**20, total_memory_bytes=320 * 2**20, max_processes=16)
+    code = (
+        "import os, time\n"
+        "children = []\n"
+        "for _ in range(6):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        f"        block = b'x' * {block}\n"
+        "        time.sleep(2)\n"
+        "        print('held', flush=True)\n"
+        "        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "for pid in children:\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    result = execute_code(code, limits)
+    held_at_once = result.stdout.count("held")
+    assert held_at_once * block <= limits.total_memory_bytes, result.isolation
+
+
+# Loops that would put 1 GiB (8 MiB per file, under the per-file limit) or 10,000 files in the temp dir:
+# (steps, one step, what a step adds, the limit that must stop it).
+TEMP_DIR_FILLERS = {
+    "1 GiB": (1024, "open(f'part{i // 8}', 'ab', buffering=0).write(bytes(2**20))", 2**20, "max_temp_bytes"),
+    "10,000 files": (10_000, "open(f'empty{i}', 'w').close()", 1, "max_temp_files"),
+}
+
+
+@pytest.mark.parametrize("filler", TEMP_DIR_FILLERS.values(), ids=TEMP_DIR_FILLERS.keys())
+def test_temp_dir_size_and_file_count_are_bounded(filler):
+    steps, step, added, limit = filler
+    limits = SandboxLimits(timeout_s=30, max_temp_bytes=32 * 2**20, max_temp_files=100)
+    code = (f"total = 0\ntry:\n    for i in range({steps}):\n        {step}\n        total += {added}\n"
+            "except OSError as error:\n    print(error.strerror)\nprint(total)\n")
+    result = execute_code(code, limits)
+    assert result.success, result.stderr
+    assert int(result.stdout.split()[-1]) <= getattr(limits, limit)
+
+
+HARNESS = """
+import sys
+from nanochat.execution import SandboxLimits, execute_code
+execute_code("import time\\ntime.sleep(60)", SandboxLimits(timeout_s=60), label=sys.argv[1])
+"""
+
+
+def test_sandbox_dies_with_a_killed_harness():
+    label = f"harness-killed-{uuid.uuid4().hex}"
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS, label], cwd=REPO)
+    deadline = time.monotonic() + 30
+    while not sandbox_processes(label) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # past the child's set-up, into the program's sleep
+    harness.kill()
+    harness.wait()
+    assert_reaped(label)
+    leftovers = f"{tempfile.gettempdir()}/{SANDBOX_MARKER}-{harness.pid}-*"
+    assert glob.glob(leftovers)  # its temp dir: nobody was left to remove it
+    assert execute_code("pass", FAST).success
+    assert glob.glob(leftovers) == []  # the next run removes what a killed harness left
+
+
+def test_ptrace_is_refused():
+    code = DIG_LIBC + (
+        "import os, time\n"
+        "libc.prctl(4, 1, 0, 0, 0)\n"  # PR_SET_DUMPABLE, which the uid drop cleared and which ptrace checks
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(10)\n"
+        "    os._exit(0)\n"
+        "print(libc.ptrace(16, pid, 0, 0))\n"  # PTRACE_ATTACH to our own child: the most a tracer could hope for
+    )
+    result = execute_code(code, SandboxLimits(timeout_s=5, total_memory_bytes=2**30, memory_bytes=2**29))
+    assert result.success, result.stderr
+    assert result.stdout == "-1\n"
+
+
+def test_program_modules_are_not_imported_before_the_uid_drop():
+    if os.geteuid() != 0:
+        pytest.skip("only a root harness drops to another uid")
+    # Importing `this` prints; as root before the drop it would run even under `if False`.
+    result = execute_code("if False:\n    import this\nimport sys\nprint('this' in sys.modules)", FAST)
+    assert result.success and result.stdout == "False\n"
+
+
 NON_ROOT_CHECK = """
-import importlib.util, os, sys
+import importlib.util, json, os, sys
 spec = importlib.util.spec_from_file_location("execution", sys.argv[1])
 ex = importlib.util.module_from_spec(spec)
 sys.modules["execution"] = ex
@@ -217,8 +417,26 @@ outside = f"/tmp/nonroot-escape-{os.getpid()}"
 wrote = ex.execute_code(f"open({outside!r}, 'w').write('x')")
 orphan = ex.execute_code("import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(60)\\n",
                          label=sys.argv[2])
-print(" ".join(wrote.isolation), wrote.success, os.path.exists(outside), orphan.success)
+peek = ex.execute_code(sys.argv[3])
+print(json.dumps({"isolation": wrote.isolation, "wrote": wrote.success, "exists": os.path.exists(outside),
+                  "orphan_ok": orphan.success, "peek": peek.stdout, "peek_error": peek.error}))
 """
+# This checker's environment holds the secret, and it runs as the same user as the sandboxed code: only the
+# private /proc hides it, and only dropped capabilities stop the code unmounting that /proc.
+PEEK_AT_ENVIRONS = DIG_LIBC + (
+    "import os\n"
+    "def environs():\n"
+    "    seen = b''\n"
+    "    for pid in [entry for entry in os.listdir('/proc') if entry.isdigit()]:\n"
+    "        try:\n"
+    "            seen += open(f'/proc/{pid}/environ', 'rb').read()\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    return seen\n"
+    "before = b'NONROOT_SECRET=' in environs()\n"
+    "libc.umount2(b'/proc', 2)\n"
+    "print(before, b'NONROOT_SECRET=' in environs())\n"
+)
 
 
 @pytest.mark.slow
@@ -229,13 +447,16 @@ def test_sandbox_started_by_an_unprivileged_user():
     if os.geteuid() != 0 or not os.path.exists(system_python):
         pytest.skip("needs root (to become nobody) and a system python3")
     label = f"nonroot-{uuid.uuid4().hex}"
-    result = subprocess.run([system_python, "-I", "-c", NON_ROOT_CHECK, module, label], user=65534, group=65534,
-                            extra_groups=[], cwd="/", capture_output=True, text=True, timeout=120)
+    result = subprocess.run([system_python, "-I", "-c", NON_ROOT_CHECK, module, label, PEEK_AT_ENVIRONS],
+                            user=65534, group=65534, extra_groups=[], cwd="/", capture_output=True, text=True,
+                            timeout=120, env={"NONROOT_SECRET": uuid.uuid4().hex})
     if result.returncode != 0 and "Permission denied" in result.stderr:
         pytest.skip(f"{module} is not readable by nobody")
     assert result.returncode == 0, result.stderr[-2000:]
-    isolation, wrote, exists, orphan_ok = result.stdout.split()[:-3], *result.stdout.split()[-3:]
-    assert "pidns" in isolation and any(layer.startswith("landlock") for layer in isolation)
-    assert "uid" not in isolation
-    assert (wrote, exists, orphan_ok) == ("False", "False", "True")
+    outcome = json.loads(result.stdout)
+    isolation = outcome["isolation"]
+    assert {"pidns", "proc", "tmpfs", "nocaps", "nogroups", "seccomp"} <= set(isolation)
+    assert any(layer.startswith("landlock") for layer in isolation) and "uid" not in isolation
+    assert (outcome["wrote"], outcome["exists"], outcome["orphan_ok"]) == (False, False, True)
+    assert outcome["peek"] == "False False\n", outcome["peek_error"]
     assert_reaped(label)
