@@ -15,7 +15,8 @@ import torch
 
 from nanochat.chat_data import PackedChatBatches, PaddedChatBatches, evaluate_chat_loss
 from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
-from nanochat.common import DistInfo, UserError, autodetect_device_type, init_distributed, print0, seed_everything
+from nanochat.common import (DistInfo, UserError, autodetect_device_type, decide_on_rank0, init_distributed, print0,
+                             seed_everything)
 from nanochat.flags import TrainFlags, flag
 from nanochat.optim import setup_optimizers
 from tasks.arithmetic import Arithmetic
@@ -135,8 +136,11 @@ def examples_accum_steps(target_examples: int, device_batch_size: int, world_siz
 def resolve_chat_data(choice: str) -> str:
     if choice != "auto":
         return choice
-    demo = demo_chat_dir()
-    chosen = "demo" if (demo / "train.jsonl.gz").is_file() or (demo / "train.jsonl").is_file() else "hub"
+    def has_demo() -> bool:
+        demo = demo_chat_dir()
+        return (demo / "train.jsonl.gz").is_file() or (demo / "train.jsonl").is_file()
+
+    chosen = "demo" if decide_on_rank0(has_demo) else "hub"
     print0(f"chat data: {chosen} (--chat_data auto)")
     return chosen
 
@@ -171,7 +175,7 @@ def chat_mixture(flags: ChatTrainFlags, split: str, chat_data: str, fractions: d
         if task_class is Arithmetic:
             tasks.append(Arithmetic(size, split=split))
             continue
-        words = words if words is not None else load_words(flags.words_file or None)
+        words = words if words is not None else decide_on_rank0(lambda: load_words(flags.words_file or None))
         tasks.append(task_class(size, split=split, words=words))
     if not tasks:
         raise UserError("the mixture is empty: keep --chat_examples non-zero or ask for synthetic examples")

@@ -10,14 +10,18 @@ import random
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+T = TypeVar("T")
 
 
 class UserError(ValueError):
@@ -244,6 +248,25 @@ def check_shared_base_dir(rank: int) -> None:
         raise UserError(f"NANOCHAT_BASE_DIR is not shared: {', '.join(blind)} cannot see the file rank 0 wrote in "
                         f"{seen[0][2]} on {seen[0][1]}; point NANOCHAT_BASE_DIR at one shared filesystem (NFS, "
                         "Lustre, ...) mounted on every node")
+
+
+def decide_on_rank0(decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0 only, its answer on every rank: a choice made from local files (what is on disk, the
+    system dictionary) can differ between nodes, and ranks that disagree build different batches and deadlock.
+    A UserError on rank 0 is raised on every rank."""
+    if get_world_size() == 1:
+        return decide()
+    box = [None]
+    if get_rank() == 0:
+        try:
+            box = [(True, decide())]
+        except UserError as exc:
+            box = [(False, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise UserError(value)
+    return value
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

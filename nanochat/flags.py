@@ -145,7 +145,8 @@ def run_main(main: Callable[[], Any]) -> None:
 @dataclass
 class RuntimeFlags:
     device_type: str = flag("auto", "auto|cuda|mps|cpu (auto: cuda > mps > cpu)")
-    dtype: str = flag("auto", "auto|float32|bfloat16|float16 (auto: bfloat16 on cuda, float32 on cpu)")
+    dtype: str = flag("auto", "auto|float32|bfloat16|float16 (auto: bfloat16 on GPUs with native bf16, else "
+                              "float32; float16 for inference only)")
 
 
 @dataclass
@@ -173,3 +174,7 @@ class TrainFlags(RuntimeFlags):
             raise UserError(f"--save_every must be >= 1 or -1 (off), got {self.save_every}")
         if self.eval_every == 0 or self.eval_every < -1:
             raise UserError(f"--eval_every must be >= 1 or -1 (off), got {self.eval_every}")
+        if self.dtype == "float16":
+            # without a gradient scaler, float16 gradients underflow to zero and training silently stalls
+            raise UserError("--dtype float16 is for inference only; train with --dtype bfloat16 (GPUs with compute "
+                            "capability >= 8.0) or --dtype float32")

@@ -151,3 +151,48 @@ DEVICE_NAMES = [
 def test_peak_flops_by_exact_device_name(name, flops):
     assert common.peak_flops(name) == flops
     assert common.peak_flops(name, torch.float32) is None  # a float32 run is not measured against bf16 peaks
+
+
+@pytest.mark.slow
+def test_ranks_whose_local_files_differ_still_agree(tmp_path):
+    """Two gloo ranks as two nodes: different initial weights, system dictionaries and demo chat data end up as
+    rank 0's everywhere, and base dirs that are not one shared directory stop both ranks with one line."""
+    base = tmp_path / "base"
+    base.mkdir()
+    result = subprocess.run(torchrun_cmd(2, "-m", "tests.devices_worker", str(tmp_path)), capture_output=True,
+                            text=True, env=subprocess_env(base), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = ranks[1]
+    assert seen["init_checksums"][0] != seen["init_checksums"][1]
+    assert seen["broadcast_checksums"][0] == seen["broadcast_checksums"][1]
+    assert seen["spelling"][0] == seen["spelling"][1] and "aword" in " ".join(seen["spelling"][1])
+    assert seen["chat_data"] == ["hub", "hub"]
+    for rank in ranks:
+        message = rank["base_dir_error"]
+        assert "NANOCHAT_BASE_DIR is not shared: rank 1 on" in message and "shared filesystem" in message
+        assert "\n" not in message
+
+
+def test_one_gpu_per_task_and_no_torchrun_on_mps(monkeypatch):
+    """SLURM may show each task only its own GPU while LOCAL_RANK counts all tasks on the node."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.local_device("cuda", 3, 8) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert common.local_device("cuda", 5, 8) == torch.device("cuda", 1)
+    assert common.local_device("cpu", 1, 2) == torch.device("cpu")
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(common.UserError, match="a Mac has one MPS device.*python -m scripts"):
+        common.init_distributed("mps")
+
+
+def test_training_in_float16_is_refused_in_one_line(capsys):
+    from scripts import base_train
+
+    with pytest.raises(SystemExit) as exit_info:
+        from nanochat.flags import run_main
+        run_main(lambda: base_train.main(["--dtype=float16"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --dtype float16") and "bfloat16" in err and "float32" in err and "\n" not in err
