@@ -150,6 +150,21 @@ class RuntimeFlags:
 
 
 @dataclass
+class CheckpointFlags:
+    """Which checkpoint an inference, eval or export script loads: the newest tag and step unless given."""
+    model_tag: str = flag("", "checkpoint tag (e.g. d20); empty = the newest")
+    step: int = flag(-1, "checkpoint step; -1 = the newest")
+
+    def __post_init__(self):
+        if self.step < -1:
+            raise UserError(f"--step must be >= 0 or -1 (newest), got {self.step}")
+
+    def checkpoint_choice(self) -> tuple[str | None, int | None]:
+        """(tag, step) for checkpoint.load_model, None meaning the newest."""
+        return self.model_tag or None, None if self.step == -1 else self.step
+
+
+@dataclass
 class TrainFlags(RuntimeFlags):
     run: str = flag("dummy", "wandb run name; 'dummy' turns wandb off")
     device_batch_size: int = flag(32, "rows per device per micro-step; lower it if you run out of memory")

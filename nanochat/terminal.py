@@ -17,16 +17,14 @@ from typing import TextIO
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, resolve_dtype
 from nanochat.engine import Engine, StreamDecoder, fit_prompt
-from nanochat.flags import RuntimeFlags, flag
+from nanochat.flags import CheckpointFlags, RuntimeFlags, flag
 
 GRAY, DIM, BOLD, RESET = "\x1b[90m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
 @dataclass
-class SamplingFlags(RuntimeFlags):
+class SamplingFlags(RuntimeFlags, CheckpointFlags):
     source: str = flag("base", f"checkpoint to load: {'|'.join(CHECKPOINT_DIRS)}")
-    model_tag: str = flag("", "checkpoint tag (e.g. d20); empty = the newest")
-    step: int = flag(-1, "checkpoint step; -1 = the newest")
     max_tokens: int = flag(256, "most new tokens per completion")
     temperature: float = flag(0.8, "sampling temperature; 0 = greedy")
     top_k: int = flag(50, "sample among the k most likely tokens; 0 = off")
@@ -34,6 +32,7 @@ class SamplingFlags(RuntimeFlags):
     seed: int = flag(42, "seed of the first completion; each later one uses the next seed")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.source not in CHECKPOINT_DIRS:
             raise UserError(f"--source must be one of {', '.join(CHECKPOINT_DIRS)}, got {self.source!r}")
         if self.max_tokens < 1:
@@ -52,8 +51,8 @@ def load_engine(flags: SamplingFlags) -> Engine:
     dtype = resolve_dtype(device_type, flags.dtype)
     device = "cuda" if device_type == "cuda" else device_type
     with contextlib.redirect_stdout(sys.stderr):
-        model, tokenizer, _ = load_model(flags.source, device, tag=flags.model_tag or None,
-                                         step=None if flags.step == -1 else flags.step, dtype=dtype)
+        tag, step = flags.checkpoint_choice()
+        model, tokenizer, _ = load_model(flags.source, device, tag=tag, step=step, dtype=dtype)
     return Engine(model, tokenizer)
 
 

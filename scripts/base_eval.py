@@ -15,13 +15,11 @@ from nanochat.checkpoint import load_model, newest_tag, source_dir
 from nanochat.common import (UserError, autodetect_device_type, barrier, cleanup_distributed, get_base_dir,
                              init_distributed, print0, resolve_dtype)
 from nanochat.core_eval import bundle_dir, download_bundle, evaluate_core, load_bundle, write_results_csv
-from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 
 
 @dataclass
-class BaseEvalFlags(RuntimeFlags):
-    model_tag: str = flag("", "checkpoint tag under base_checkpoints; empty = the newest")
-    step: int = flag(-1, "checkpoint step; -1 = the newest")
+class BaseEvalFlags(RuntimeFlags, CheckpointFlags):
     max_per_task: int = flag(-1, "items per task (a fixed shuffle's first N); -1 = all")
     batch_size: int = flag(32, "sequences per forward pass; lower it if you run out of memory")
     bundle: str = flag("", "eval bundle directory; empty = $NANOCHAT_BASE_DIR/eval_bundle")
@@ -29,6 +27,7 @@ class BaseEvalFlags(RuntimeFlags):
     download_only: bool = flag(False, "fetch the public bundle when missing, then exit")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_per_task == 0 or self.max_per_task < -1:
             raise UserError(f"--max_per_task must be >= 1 or -1 (all), got {self.max_per_task}")
         if self.batch_size < 1:
@@ -55,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
             cleanup_distributed()
             return
     tasks = load_bundle(directory)
-    tag = flags.model_tag or newest_tag(source_dir("base"))
-    model, tokenizer, meta = load_model("base", dist.device, tag, None if flags.step < 0 else flags.step,
-                                        resolve_dtype(device_type, flags.dtype))
+    tag, step = flags.checkpoint_choice()
+    tag = tag or newest_tag(source_dir("base"))
+    model, tokenizer, meta = load_model("base", dist.device, tag, step, resolve_dtype(device_type, flags.dtype))
     results = evaluate_core(model, tokenizer, tasks, dist.device, model.config.max_seq_len, flags.max_per_task,
                             flags.batch_size, dist.rank, dist.world_size, progress=dist.is_master)
     table = results_table(results)

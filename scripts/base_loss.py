@@ -13,18 +13,17 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
-from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 from nanochat.loss_eval import evaluate_bpb
 
 @dataclass
-class BaseLossFlags(RuntimeFlags):
-    model_tag: str = flag("", "checkpoint tag under base_checkpoints; empty = the newest")
-    step: int = flag(-1, "checkpoint step; -1 = the newest")
+class BaseLossFlags(RuntimeFlags, CheckpointFlags):
     device_batch_size: int = flag(32, "rows per forward pass per rank; lower it if you run out of memory")
     split_tokens: int = flag(20 * 524288, "tokens to evaluate per split (train and val), all ranks together")
     sample_tokens: int = flag(16, "tokens to generate greedily per sample prompt; 0 = no samples")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("device_batch_size", "split_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -37,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     device_type = autodetect_device_type(flags.device_type)
     dist = init_distributed(device_type)
-    model, tokenizer, meta = load_model("base", dist.device, flags.model_tag or None,
-                                        None if flags.step < 0 else flags.step, resolve_dtype(device_type, flags.dtype))
+    model, tokenizer, meta = load_model("base", dist.device, *flags.checkpoint_choice(),
+                                        resolve_dtype(device_type, flags.dtype))
     seq_len = model.config.max_seq_len
     tokens_per_step = flags.device_batch_size * seq_len * dist.world_size
     if flags.split_tokens < tokens_per_step:

@@ -17,10 +17,10 @@ from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.core_eval import centered
 from nanochat.engine import Engine
-from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 
 @dataclass
-class ChatEvalFlags(RuntimeFlags):
+class ChatEvalFlags(RuntimeFlags, CheckpointFlags):
     source: str = flag("sft", "checkpoint to evaluate", tuple(CHECKPOINT_DIRS), short="-i")
     task_name: str = flag("", "tasks separated by |, e.g. 'ARC-Easy|GSM8K'; empty = all", short="-a")
     num_samples: int = flag(1, "samples per generative problem; a problem is solved if any passes (pass@n)",
@@ -30,12 +30,11 @@ class ChatEvalFlags(RuntimeFlags):
     top_k: int = flag(50, "sample from the k most likely tokens; -1 = off", short="-k")
     max_new_tokens: int = flag(512, "tokens generated per sample; capped at half the model's context")
     batch_size: int = flag(8, "prompts per forward pass for categorical tasks")
-    model_tag: str = flag("", "checkpoint tag; empty = the newest")
-    step: int = flag(-1, "checkpoint step; -1 = the newest")
     data_dir: str = flag("", "folder of <task>.jsonl.gz eval files; empty = $NANOCHAT_BASE_DIR/eval_data "
                              "(downloaded when missing)")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     device_type = autodetect_device_type(flags.device_type)
     dist = init_distributed(device_type)
-    model, tokenizer, meta = load_model(flags.source, dist.device, flags.model_tag or None,
-                                        None if flags.step < 0 else flags.step, resolve_dtype(device_type, flags.dtype))
+    model, tokenizer, meta = load_model(flags.source, dist.device, *flags.checkpoint_choice(),
+                                        resolve_dtype(device_type, flags.dtype))
     engine = Engine(model, tokenizer)
     settings = GenerationSettings(flags.num_samples, flags.max_new_tokens, flags.temperature,
                                   None if flags.top_k < 0 else flags.top_k)

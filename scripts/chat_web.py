@@ -17,7 +17,7 @@ import uvicorn
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
 from nanochat.common import UserError, autodetect_device_type, print0, resolve_dtype
-from nanochat.flags import RuntimeFlags, flag, parse_flags, run_main
+from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 from nanochat.server import ServerSettings, create_app
 from nanochat.server.loading import load_workers
 
@@ -25,10 +25,8 @@ API_KEY_ENV = "NANOCHAT_API_KEY"
 
 
 @dataclass
-class ChatWebFlags(RuntimeFlags):
+class ChatWebFlags(RuntimeFlags, CheckpointFlags):
     source: str = flag("sft", "which checkpoints to serve", choices=tuple(CHECKPOINT_DIRS))
-    model_tag: str = flag("", "checkpoint tag; empty = the newest tag")
-    step: int = flag(-1, "checkpoint step; -1 = the newest complete step")
     host: str = flag("127.0.0.1", "interface to bind; 0.0.0.0 exposes the server to your network (set --api_key)")
     port: int = flag(8000, "TCP port; 0 = any free port (printed at startup)")
     num_gpus: int = flag(1, "workers: one model replica per GPU on cuda; on cpu/mps, workers sharing one model")
@@ -43,6 +41,7 @@ class ChatWebFlags(RuntimeFlags):
     max_body_bytes: int = flag(4 << 20, "request bodies larger than this many bytes get 413 before they are read")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be 0..65535, got {self.port}")
         if self.num_gpus < 1:
@@ -53,8 +52,6 @@ class ChatWebFlags(RuntimeFlags):
             raise UserError(f"--max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_body_bytes < 1:
             raise UserError(f"--max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        if self.step < -1:
-            raise UserError(f"--step must be >= 0 or -1 (newest), got {self.step}")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     server: uvicorn.Server | None = None
 
     def load():
-        return load_workers(flags.source, flags.model_tag or None, None if flags.step == -1 else flags.step,
-                            device_type, dtype, flags.num_gpus)
+        return load_workers(flags.source, *flags.checkpoint_choice(), device_type, dtype, flags.num_gpus)
 
     def on_load_error(exc: BaseException) -> None:
         load_errors.append(exc)

@@ -11,19 +11,18 @@ from dataclasses import dataclass
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError
-from nanochat.flags import flag, parse_flags, run_main
+from nanochat.flags import CheckpointFlags, flag, parse_flags, run_main
 from nanochat.hf_export import check_out_dir, export_hf
 
 
 @dataclass
-class ExportFlags:
+class ExportFlags(CheckpointFlags):
     source: str = flag("sft", "checkpoint to export: base|mid|sft|rl", choices=tuple(CHECKPOINT_DIRS))
-    model_tag: str = flag("", "checkpoint tag; empty = the newest")
-    step: int = flag(-1, "step to export; -1 = the newest")
     format: str = flag("hf", "output format (hf: a Hugging Face transformers folder)", choices=("hf",))
     out: str = flag("", "output directory; must not exist or be empty")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.out:
             raise UserError("--out is required: the directory to write the export into")
 
@@ -31,8 +30,8 @@ class ExportFlags:
 def main(argv=None) -> None:
     flags = parse_flags(ExportFlags, argv)
     check_out_dir(flags.out)  # before loading: a taken --out should not cost a model load
-    model, tokenizer, _ = load_model(flags.source, "cpu", tag=flags.model_tag or None,
-                                     step=None if flags.step == -1 else flags.step)
+    tag, step = flags.checkpoint_choice()
+    model, tokenizer, _ = load_model(flags.source, "cpu", tag=tag, step=step)
     out = export_hf(model, tokenizer, flags.out)
     print(f"wrote {out} (load it with transformers' AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
 

@@ -11,7 +11,7 @@ import torch
 
 from nanochat import common
 from nanochat.common import UserError
-from nanochat.flags import TrainFlags, flag, parse_flags
+from nanochat.flags import CheckpointFlags, TrainFlags, flag, parse_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,3 +205,19 @@ def test_git_commit_names_this_checkout():
         pytest.skip("not a git checkout")
     assert common.git_commit().split(" ")[0] == head.stdout.strip()
     assert common.get_world_size() == 1
+
+
+@pytest.mark.parametrize("cls", ["scripts.base_eval.BaseEvalFlags", "scripts.base_loss.BaseLossFlags",
+                                 "scripts.chat_eval.ChatEvalFlags", "scripts.chat_web.ChatWebFlags",
+                                 "scripts.export.ExportFlags", "nanochat.terminal.SamplingFlags"])
+def test_every_loading_script_picks_its_checkpoint_the_same_way(cls):
+    import importlib
+
+    module, name = cls.rsplit(".", 1)
+    flags_class = getattr(importlib.import_module(module), name)
+    extra = ["--out", "x"] if name == "ExportFlags" else []
+    assert issubclass(flags_class, CheckpointFlags)
+    assert parse_flags(flags_class, extra).checkpoint_choice() == (None, None)
+    assert parse_flags(flags_class, [*extra, "--model_tag", "d4", "--step", "0"]).checkpoint_choice() == ("d4", 0)
+    with pytest.raises(UserError, match=r"--step must be >= 0 or -1 \(newest\), got -2"):
+        parse_flags(flags_class, [*extra, "--step", "-2"])
