@@ -32,6 +32,7 @@ from nanochat.common import DistInfo, UserError
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import GPTConfig, ModelFlags, model_config
 from nanochat.optim import setup_optimizers
+from nanochat.schedules import Schedule, constant
 from nanochat.trainer import train
 
 SHAPES = {  # (depth, model_dim, head_dim, vocab, seq_len, device_batch): demo.sh and ittybitty.sh, short rows
@@ -83,7 +84,7 @@ def ours_tok_per_s(config: GPTConfig, batch: int, steps: int) -> float:
                        num_iterations=WARMUP_STEPS + steps, eval_every=-1, save_every=-1, compile=False)
     with tempfile.TemporaryDirectory() as out:
         train(model, setup_optimizers(model), RandomRows(config.vocab_size, batch, config.max_seq_len),
-              lr_schedule=lambda step: 1.0, flags=flags, checkpoint_dir=Path(out) / "ckpt",
+              schedule=Schedule(lr=constant()), flags=flags, checkpoint_dir=Path(out) / "ckpt",
               dist=DistInfo(False, 0, 0, 1, torch.device("cpu")), num_iterations=WARMUP_STEPS + steps,
               grad_accum_steps=1)
         lines = [json.loads(line) for line in (Path(out) / "ckpt" / "train_log.jsonl").read_text().splitlines()]

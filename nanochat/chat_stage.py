@@ -18,7 +18,7 @@ from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_d
 from nanochat.common import (DistInfo, UserError, autodetect_device_type, decide_on_rank0, init_distributed, print0,
                              seed_everything)
 from nanochat.flags import TrainFlags, flag
-from nanochat.optim import setup_optimizers
+from nanochat.optim import OptimFlags, setup_optimizers
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.customjson import CustomJSON
@@ -28,14 +28,10 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
 
 
 @dataclass
-class StageFlags(TrainFlags):
+class StageFlags(OptimFlags, TrainFlags):
     """Where a chat stage starts and how fast it learns."""
     step: int = flag(-1, "step of the --source checkpoint to start from; -1 = newest")
     max_seq_len: int = flag(-1, "tokens per row; -1 = the model's max_seq_len")
-    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (before --init_lr_frac)")
-    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (before --init_lr_frac)")
-    matrix_lr: float = flag(0.02, "Muon LR of the block matrices (before --init_lr_frac)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
     init_lr_frac: float = flag(1.0, "starting LR as a fraction of the LRs above")
 
     def __post_init__(self):
@@ -116,21 +112,7 @@ def chat_val_loss(stage: Stage, flags: ChatTrainFlags, val_task: Task,
 
 def stage_optimizers(model, flags: StageFlags) -> list:
     """The base optimizers with every LR scaled by --init_lr_frac (stored as each group's initial_lr)."""
-    return setup_optimizers(model, embedding_lr=flags.embedding_lr * flags.init_lr_frac,
-                            unembedding_lr=flags.unembedding_lr * flags.init_lr_frac,
-                            matrix_lr=flags.matrix_lr * flags.init_lr_frac, weight_decay=flags.weight_decay)
-
-
-def examples_accum_steps(target_examples: int, device_batch_size: int, world_size: int,
-                         flag_name: str = "target_examples_per_step") -> int:
-    """Micro-steps per optimizer step so that a step sees `target_examples` conversations across ranks."""
-    per_micro = device_batch_size * world_size
-    if target_examples % per_micro == 0 and target_examples > 0:
-        return target_examples // per_micro
-    nearest = max(per_micro, round(target_examples / per_micro) * per_micro)
-    raise UserError(f"--{flag_name} {target_examples} is not a multiple of {per_micro} conversations per "
-                    f"micro-step (device_batch_size {device_batch_size} × {world_size} ranks); "
-                    f"try --{flag_name} {nearest}")
+    return setup_optimizers(model, flags, lr_scale=flags.init_lr_frac)
 
 
 def resolve_chat_data(choice: str) -> str:

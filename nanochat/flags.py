@@ -177,6 +177,7 @@ class TrainFlags(RuntimeFlags):
     resume_from_step: int = flag(-1, "continue from this step's checkpoint; -1 = off")
     model_tag: str = flag("", "checkpoint directory name; empty = d<depth>")
     compile: bool | None = flag(None, "torch.compile the model; none = auto (on for cuda)")
+    grad_clip: float = flag(0.0, "clip the global gradient norm to this before each update; 0 = off")
     seed: int = flag(42, "random seed for init and data order")
 
     def __post_init__(self):
@@ -187,6 +188,8 @@ class TrainFlags(RuntimeFlags):
             raise UserError(f"--keep_last must be >= 1 or -1 (keep all), got {self.keep_last}")
         if self.save_every == 0 or self.save_every < -1:
             raise UserError(f"--save_every must be >= 1 or -1 (off), got {self.save_every}")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.eval_every == 0 or self.eval_every < -1:
             raise UserError(f"--eval_every must be >= 1 or -1 (off), got {self.eval_every}")
         if self.dtype == "float16":

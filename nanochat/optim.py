@@ -16,10 +16,13 @@ iteration whose coefficients (3.4445, -4.7750, 2.0315) push all singular values 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from nanochat.common import get_world_size
+from nanochat.flags import flag
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -42,8 +45,7 @@ def orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters only."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, momentum_start: float = 0.85,
-                 momentum_warmup_steps: int = 300, nesterov: bool = True, ns_steps: int = 5):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
         by_shape: dict[torch.Size, list] = {}
         for p in params:
             if p.ndim != 2:
@@ -51,14 +53,9 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(p.shape, []).append(p)
         # one group per shape, in first-seen order (the same on every rank), so a rank's slice is a plain stack
         groups = [{"params": ps} for ps in by_shape.values()]
-        defaults = dict(lr=lr, initial_lr=lr, momentum=momentum, momentum_start=momentum_start,
-                        momentum_warmup_steps=momentum_warmup_steps, nesterov=nesterov, ns_steps=ns_steps, step=0)
+        # momentum is set per step by the trainer's schedule (nanochat.schedules.muon_momentum warms it up)
+        defaults = dict(lr=lr, initial_lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(groups, defaults)
-
-    @staticmethod
-    def current_momentum(group: dict) -> float:
-        frac = min(group["step"] / group["momentum_warmup_steps"], 1.0) if group["momentum_warmup_steps"] else 1.0
-        return (1 - frac) * group["momentum_start"] + frac * group["momentum"]
 
     def direction(self, p: torch.Tensor, grad: torch.Tensor, group: dict, momentum: float) -> torch.Tensor:
         """Advance p's momentum buffer with grad and return the (Nesterov) direction to orthogonalise."""
@@ -83,12 +80,10 @@ class Muon(torch.optim.Optimizer):
         world = get_world_size()
         if world == 1:
             for group in self.param_groups:
-                momentum = self.current_momentum(group)
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    directions = torch.stack([self.direction(p, p.grad, group, momentum) for p in params])
+                    directions = torch.stack([self.direction(p, p.grad, group, group["momentum"]) for p in params])
                     self.apply(params, directions, group)
-                group["step"] += 1
             return None
         self.distributed_step(world, dist.get_rank())
         return None
@@ -109,15 +104,13 @@ class Muon(torch.optim.Optimizer):
             work.wait()
             if rank < len(chunk):
                 mine = chunk[rank]
-                direction = self.direction(mine, owned_grad.div_(world), group, self.current_momentum(group))
+                direction = self.direction(mine, owned_grad.div_(world), group, group["momentum"])
                 self.apply([mine], direction[None], group)
             outputs = chunk + [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]
             source = chunk[rank] if rank < len(chunk) else outputs[rank]
             gathers.append(dist.all_gather(outputs, source.clone(), async_op=True))
         for work in gathers:
             work.wait()
-        for group in self.param_groups:
-            group["step"] += 1
 
 
 class AdamW(torch.optim.Optimizer):
@@ -188,10 +181,23 @@ class AdamW(torch.optim.Optimizer):
             work.wait()
 
 
-def setup_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
-                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
-    """[AdamW for wte and lm_head, Muon for every block matrix]. AdamW LRs scale as (model_dim / 768)^-0.5 so
-    the defaults tuned at width 768 carry over to other widths."""
+@dataclass
+class OptimFlags:
+    """The optimizer's flags, shared by every training stage: the one home of the LR defaults."""
+    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (× (model_dim/768)^-0.5; chat stages: also × "
+                                    "--init_lr_frac)")
+    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (× (model_dim/768)^-0.5; chat stages: also × "
+                                        "--init_lr_frac)")
+    matrix_lr: float = flag(0.02, "Muon LR of the block matrices (chat stages: × --init_lr_frac)")
+    weight_decay: float = flag(0.0, "AdamW weight decay of the embeddings and lm_head")
+
+
+def setup_optimizers(model, flags: OptimFlags | None = None, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
+    """[AdamW for wte and lm_head, Muon for every block matrix], every LR × `lr_scale`. AdamW LRs also scale as
+    (model_dim / 768)^-0.5 so the defaults tuned at width 768 carry over to other widths."""
+    flags = flags or OptimFlags()
+    embedding_lr, unembedding_lr = flags.embedding_lr * lr_scale, flags.unembedding_lr * lr_scale
+    matrix_lr, weight_decay = flags.matrix_lr * lr_scale, flags.weight_decay
     scale = (model.config.model_dim / 768) ** -0.5
     groups = model.param_groups()
     adam_groups = [{"params": groups["lm_head"], "lr": unembedding_lr * scale}]

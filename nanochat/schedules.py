@@ -1,13 +1,19 @@
-"""Learning-rate schedules: step -> multiplier of each param group's `initial_lr`."""
+"""Schedules: step -> value. The trainer applies one `Schedule` per step, before the update:
+every param group's `lr = initial_lr * schedule.lr(step)`, Muon's `momentum = schedule.muon_momentum(step)` and
+its `weight_decay = initial_weight_decay * schedule.weight_decay(step)`."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 from nanochat.common import UserError
 
+StepFn = Callable[[int], float]
+
 
 def warmup_warmdown(num_iterations: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2,
-                    final_lr_frac: float = 0.0) -> Callable[[int], float]:
+                    final_lr_frac: float = 0.0) -> StepFn:
     """Linear warm-up over `warmup_steps`, constant, then linear decay to `final_lr_frac` over the last
     `warmdown_ratio` of the run (the last step itself runs at final_lr_frac)."""
     if not 0.0 <= warmdown_ratio <= 1.0:
@@ -27,3 +33,40 @@ def warmup_warmdown(num_iterations: int, warmup_steps: int = 0, warmdown_ratio: 
         return final_lr_frac + (1.0 - final_lr_frac) * max(progress, 0.0)
 
     return lr_multiplier
+
+
+def muon_momentum(start: float = 0.85, peak: float = 0.95, warmup_steps: int = 300, final: float | None = None,
+                  num_iterations: int = 0, warmdown_ratio: float = 0.0) -> StepFn:
+    """Linear `start` -> `peak` over `warmup_steps`; with `final`, linear `peak` -> `final` over the LR warm-down
+    (the last `warmdown_ratio` of `num_iterations`): lower momentum while the LR anneals (modded-nanogpt,
+    nanochat 2026: 0.85 -> 0.97 over 400 steps, 0.90 at the end)."""
+    warmdown_steps = round(warmdown_ratio * num_iterations) if final is not None else 0
+    warmdown_start = num_iterations - warmdown_steps
+
+    def momentum(step: int) -> float:
+        if warmdown_steps and step >= warmdown_start:
+            progress = (step - warmdown_start) / warmdown_steps
+            return peak * (1 - progress) + final * progress
+        frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
+        return (1 - frac) * start + frac * peak
+
+    return momentum
+
+
+def constant(value: float = 1.0) -> StepFn:
+    return lambda step: value
+
+
+def cosine_to_zero(num_iterations: int) -> StepFn:
+    """1 at step 0, 0 at `num_iterations` (nanochat 2026's Muon weight-decay schedule: strong decay early, none at
+    the end when the LR is already small)."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * step / num_iterations))
+
+
+@dataclass
+class Schedule:
+    """What the trainer sets before each step; the defaults are the 2025 behaviour (fixed weight decay, Muon
+    momentum warmed 0.85 -> 0.95 over 300 steps)."""
+    lr: StepFn
+    muon_momentum: StepFn = field(default_factory=muon_momentum)
+    weight_decay: StepFn = field(default_factory=constant)

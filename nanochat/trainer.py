@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +22,7 @@ from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage,
 from nanochat.common import (DistInfo, UserError, atomic_write, autocast_context, device_peak_flops, init_wandb,
                              print0, resolve_dtype)
 from nanochat.flags import TrainFlags
+from nanochat.schedules import Schedule
 
 LOSS_EMA_BETA = 0.9
 LOG_FILE = "train_log.jsonl"
@@ -53,22 +55,24 @@ class LoopState:
     tokens_seen: int = 0
     loss_ema: float = 0.0
     metrics: dict = field(default_factory=dict)
+    timed_steps: int = 0  # steps after the first of this process (it pays for compilation), for the ETA; not saved
+    timed_seconds: float = 0.0
 
 
-def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
-    """Micro-steps per optimizer step so that every step sees exactly `total_batch_size` tokens."""
-    per_micro = device_batch_size * seq_len * world_size
-    if total_batch_size % per_micro == 0:
-        return total_batch_size // per_micro
-    lower = total_batch_size // per_micro * per_micro
-    nearest_total = lower if lower and total_batch_size - lower <= lower + per_micro - total_batch_size \
-        else lower + per_micro
-    fits = [b for b in range(device_batch_size, 0, -1) if total_batch_size % (b * seq_len * world_size) == 0]
-    hint = f"--total_batch_size {nearest_total}"
-    if fits:
-        hint += f" or --device_batch_size {fits[0]}"
-    raise UserError(f"--total_batch_size {total_batch_size} is not a multiple of {per_micro} tokens per micro-step "
-                    f"(device_batch_size {device_batch_size} × seq_len {seq_len} × {world_size} ranks); try {hint}")
+def grad_accum_steps(target: int, device_batch_size: int, seq_len: int | None, world_size: int,
+                     flag_name: str = "total_batch_size") -> int:
+    """Micro-steps per optimizer step so that every step sees exactly `target` tokens (rows of `seq_len`), or
+    `target` conversations when `seq_len` is None. The one home of this arithmetic: every stage calls it."""
+    row = seq_len or 1
+    per_micro = device_batch_size * row * world_size
+    if target > 0 and target % per_micro == 0:
+        return target // per_micro
+    nearest = max(per_micro, round(target / per_micro) * per_micro)
+    fits = [b for b in range(device_batch_size, 0, -1) if target % (b * row * world_size) == 0]
+    hint = f"--{flag_name} {nearest}" + (f" or --device_batch_size {fits[0]}" if fits else "")
+    unit, rows = ("tokens", f" × seq_len {seq_len}") if seq_len else ("conversations", "")
+    raise UserError(f"--{flag_name} {target} is not a multiple of {per_micro} {unit} per micro-step "
+                    f"(device_batch_size {device_batch_size}{rows} × {world_size} ranks); try {hint}")
 
 
 class TrainLog:
@@ -92,12 +96,6 @@ class TrainLog:
                 f.write(json.dumps(entry) + "\n")
 
 
-def set_lr(optimizers: list, lr_mult: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-
-
 def resume_step(flags: TrainFlags, checkpoint_dir: Path) -> int | None:
     if flags.resume_from_step != -1:
         return flags.resume_from_step
@@ -117,6 +115,61 @@ def resume_step(flags: TrainFlags, checkpoint_dir: Path) -> int | None:
                     "to start fresh")
 
 
+@dataclass
+class Run:
+    """What stays fixed for a whole run: `train()`'s arguments plus what is derived from them once."""
+    model: torch.nn.Module
+    optimizers: list
+    batches: Iterator
+    schedule: Schedule
+    flags: TrainFlags
+    checkpoint_dir: Path
+    dist: DistInfo
+    num_iterations: int
+    grad_accum_steps: int
+    evals: list
+    meta: dict
+    flops_per_token: float | None
+    loss_fn: Callable | None
+    wandb_project: str
+    dtype: torch.dtype = torch.float32
+    train_model: torch.nn.Module | None = None
+    log: TrainLog | None = None
+    wandb_run: object = None
+    peak_flops: float | None = None
+    start_step: int = 0
+    resumed: bool = False
+
+    def autocast(self):
+        return autocast_context(self.dist.device, self.dtype)
+
+
+def start_run(run: Run) -> LoopState:
+    """Resume (model, optimizers, RNG, loader, loop state) if asked, then compile, open wandb and the step log."""
+    device = run.dist.device
+    run.dtype = resolve_dtype(device.type, run.flags.dtype)
+    run.meta = {"flags": asdict(run.flags), **run.meta}
+    run.log = TrainLog(run.checkpoint_dir, run.dist.is_master)
+    state = LoopState()
+    start = resume_step(run.flags, run.checkpoint_dir)
+    if start is not None:
+        state = restore(run.model, run.optimizers, run.batches, run.checkpoint_dir, start, run.dist)
+        run.log.truncate_after(start)
+        run.resumed = True
+    run.start_step = state.step
+    if run.start_step > run.num_iterations:
+        raise UserError(f"the checkpoint is at step {run.start_step}, past --num_iterations {run.num_iterations}; "
+                        "raise --num_iterations")
+    compile_model = run.flags.compile if run.flags.compile is not None else device.type == "cuda"
+    # dynamic=None: a second row length (SFT, RL) compiles once for any length instead of once per length,
+    # which with dynamic=False would hit the recompile limit and silently fall back to eager
+    run.train_model = torch.compile(run.model, dynamic=None) if compile_model else run.model
+    run.wandb_run = init_wandb(run.flags.run, run.wandb_project, run.meta, run.dist.is_master)
+    run.peak_flops = device_peak_flops(device, run.dtype)
+    run.model.train()
+    return state
+
+
 def restore(model, optimizers, batches, checkpoint_dir: Path, step: int, dist: DistInfo) -> LoopState:
     if dist.is_master:
         remove_partial(checkpoint_dir)
@@ -134,22 +187,130 @@ def restore(model, optimizers, batches, checkpoint_dir: Path, step: int, dist: D
                      metrics=loop.get("metrics", {}))
 
 
-def run_evals(evals, model, state: LoopState, log: TrainLog, wandb_run) -> None:
-    due = [e for e in evals if e.every != -1]
-    if not due:
+def save(run: Run, state: LoopState) -> Path:
+    rank_state = {"rng": capture_rng_state(), "loader": run.batches.state_dict()}
+    loop = {"tokens_seen": state.tokens_seen, "loss_ema": state.loss_ema, "metrics": state.metrics}
+    return save_checkpoint(run.checkpoint_dir, state.step, run.model, run.optimizers,
+                           {**run.meta, **state.metrics, "loop": loop}, rank_state, keep_last=run.flags.keep_last)
+
+
+@contextmanager
+def eval_context(run: Run):
+    """How every eval runs: eval mode, no grad, the training RNG untouched (or resume would diverge), and the
+    run's autocast dtype."""
+    rng = capture_rng_state()
+    run.model.eval()
+    try:
+        with torch.no_grad(), run.autocast():
+            yield
+    finally:
+        run.model.train()
+        restore_rng_state(rng)
+
+
+def run_evals(run: Run, state: LoopState, evals: list[Eval]) -> None:
+    if not evals:
         return
-    rng = capture_rng_state()  # evals must not shift the training RNG, or resume would diverge
-    model.eval()
-    with torch.no_grad():
-        for ev in due:
-            metrics = ev.fn(model, state.step) or {}
+    with eval_context(run):
+        for ev in evals:
+            metrics = ev.fn(run.model, state.step) or {}
             if metrics:
                 state.metrics.update(metrics)
                 print0(f"step {state.step} | " + " | ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
-                log.write({"step": state.step, **metrics})
-                wandb_run.log({"step": state.step, **metrics})
-    model.train()
-    restore_rng_state(rng)
+                run.log.write({"step": state.step, **metrics})
+                run.wandb_run.log({"step": state.step, **metrics})
+
+
+def evaluate_and_save(run: Run, state: LoopState, last: bool) -> Path | None:
+    """The evals due at this step (all of them after the last), then a checkpoint when one is due."""
+    saved = None
+    if state.step > run.start_step or not run.resumed:
+        due = [e for e in run.evals if e.every != -1 and (last or state.step % e.every == 0)]
+        try:
+            run_evals(run, state, due)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; MPS raises a plain one
+            # An eval that runs out of memory (on a laptop, say) must not lose the steps trained since the
+            # last save. Single process only: a collective save would hang if just this rank failed.
+            if "out of memory" in str(exc).lower() and not run.dist.is_distributed and state.step > run.start_step:
+                save(run, state)
+                print0(f"the eval ran out of memory; saved step {state.step} first, continue with --resume")
+            raise
+    save_every = run.flags.save_every
+    if state.step > run.start_step and (last or (save_every != -1 and state.step % save_every == 0)):
+        saved = save(run, state)
+    return saved
+
+
+def set_hyperparameters(run: Run, step: int) -> float:
+    """The schedules' values for this step, written into every param group; returns the LR multiplier."""
+    lr_mult = run.schedule.lr(step)
+    momentum, wd_mult = run.schedule.muon_momentum(step), run.schedule.weight_decay(step)
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if "momentum" in group:
+                group["momentum"] = momentum
+            if "initial_weight_decay" in group:
+                group["weight_decay"] = group["initial_weight_decay"] * wd_mult
+    return lr_mult
+
+
+def accumulate(run: Run, state: LoopState) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches (each loss scaled by 1/micro-steps, so the gradients
+    sum to the step's mean); returns the mean loss over micro-steps and ranks, and the step's token count."""
+    loss_sum = torch.zeros((), device=run.dist.device, dtype=torch.float32)
+    tokens = 0
+    try:
+        for _ in range(run.grad_accum_steps):
+            batch = next(run.batches)
+            inputs, targets, *rest = batch
+            with run.autocast():
+                if run.loss_fn is None:
+                    loss = run.train_model(inputs, targets, doc_ids=rest[0] if rest else None)
+                else:
+                    loss = run.loss_fn(run.train_model, batch)
+            (loss / run.grad_accum_steps).backward()
+            loss_sum += loss.detach().float()
+            tokens += inputs.numel()
+    except torch.OutOfMemoryError:
+        batch_size = run.flags.device_batch_size
+        raise UserError(f"out of memory at step {state.step + 1} with --device_batch_size {batch_size}; try "
+                        f"--device_batch_size {max(1, batch_size // 2)} (grad accumulation keeps "
+                        "--total_batch_size) or --activation_checkpointing") from None
+    loss_avg = loss_sum / run.grad_accum_steps
+    if run.dist.world_size > 1:
+        torch_dist.all_reduce(loss_avg)
+        loss_avg /= run.dist.world_size
+    return loss_avg, tokens * run.dist.world_size
+
+
+def clip_gradients(run: Run) -> None:
+    """Scale all gradients so their global norm is at most --grad_clip. Gradients are still per rank here (the
+    optimizers average them), so under torchrun the norm is the RMS over ranks of each rank's norm: an upper
+    bound of the averaged gradient's norm, so clipping is never weaker, and every rank applies the same scale."""
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    norm_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    if run.dist.world_size > 1:
+        torch_dist.all_reduce(norm_sq)
+        norm_sq /= run.dist.world_size
+    scale = (run.flags.grad_clip / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+
+
+def optimizer_step(run: Run, state: LoopState, loss: float) -> None:
+    """Stop on a non-finite loss before it can spoil the weights, else clip (if asked) and update."""
+    if not math.isfinite(loss):
+        steps = complete_steps(run.checkpoint_dir)
+        good = step_dir(run.checkpoint_dir, steps[-1]) if steps else "none yet"
+        raise TrainingDiverged(f"loss is {loss} at step {state.step + 1}; stopped before the update. "
+                               f"Last good checkpoint: {good}; lower the learning rates and --resume")
+    if run.flags.grad_clip > 0:
+        clip_gradients(run)
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    if run.dist.device.type == "cuda":
+        torch.cuda.synchronize(run.dist.device)
 
 
 def format_rate(flops_per_token, tok_per_s: float, peak: float | None, world: int) -> str:
@@ -161,133 +322,50 @@ def format_rate(flops_per_token, tok_per_s: float, peak: float | None, world: in
     return f" | {achieved / 1e9:.2f} GFLOP/s"
 
 
-def accumulate_gradients(train_model, batches: Iterator, grad_accum_steps: int, autocast, loss_fn,
-                         device) -> tuple[torch.Tensor, int]:
-    """Forward and backward over one step's micro-batches; returns this rank's mean loss and its token count."""
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    tokens = 0
-    for _ in range(grad_accum_steps):
-        batch = next(batches)
-        inputs, targets, *rest = batch
-        with autocast():
-            if loss_fn is None:
-                loss = train_model(inputs, targets, doc_ids=rest[0] if rest else None)
-            else:
-                loss = loss_fn(train_model, batch)
-        (loss / grad_accum_steps).backward()
-        loss_sum += loss.detach().float()
-        tokens += inputs.numel()
-    return loss_sum / grad_accum_steps, tokens
+def log_step(run: Run, state: LoopState, result: TrainResult, loss: float, tokens: int, lr_mult: float,
+             dt: float) -> None:
+    """Advance the loop state by one finished step and report it (stdout, train_log.jsonl, wandb)."""
+    state.step += 1
+    state.tokens_seen += tokens
+    state.loss_ema = LOSS_EMA_BETA * state.loss_ema + (1 - LOSS_EMA_BETA) * loss
+    smoothed = state.loss_ema / (1 - LOSS_EMA_BETA ** state.step)
+    result.losses[state.step] = loss
+    if state.step > run.start_step + 1:  # the first step pays for compilation and warm-up
+        state.timed_steps, state.timed_seconds = state.timed_steps + 1, state.timed_seconds + dt
+    tok_per_s = tokens / dt
+    eta = (run.num_iterations - state.step) * (state.timed_seconds / state.timed_steps if state.timed_steps else dt)
+    print0(f"step {state.step:05d}/{run.num_iterations:05d} ({100 * state.step / run.num_iterations:.1f}%) | "
+           f"loss {smoothed:.6f} | lrm {lr_mult:.3f} | {dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s"
+           f"{format_rate(run.flops_per_token, tok_per_s, run.peak_flops, run.dist.world_size)} | "
+           f"eta {eta / 60:.1f}m")
+    run.log.write({"step": state.step, "loss": loss, "lr_mult": lr_mult, "dt_ms": dt * 1000,
+                   "tokens": state.tokens_seen})
+    run.wandb_run.log({"step": state.step, "train/loss": smoothed, "train/raw_loss": loss, "train/lr_mult": lr_mult,
+                       "train/tok_per_s": tok_per_s, "train/tokens": state.tokens_seen})
 
 
-def train(model, optimizers: list, batches: Iterator, *, lr_schedule: Callable[[int], float], flags: TrainFlags,
-          checkpoint_dir: Path, dist: DistInfo, num_iterations: int, grad_accum_steps: int,
-          evals: list[Eval] | tuple = (), meta: dict | None = None, flops_per_token: float | None = None,
-          wandb_project: str = "nanochat", loss_fn: Callable | None = None) -> TrainResult:
+def train(model, optimizers: list, batches: Iterator, *, schedule: Schedule, flags: TrainFlags, checkpoint_dir: Path,
+          dist: DistInfo, num_iterations: int, grad_accum_steps: int, evals: list[Eval] | tuple = (),
+          meta: dict | None = None, flops_per_token: float | None = None, wandb_project: str = "nanochat",
+          loss_fn: Callable | None = None) -> TrainResult:
     """Train `model` from step 0 (or the resumed step) to `num_iterations`; see docs/internals.md for every argument.
     `loss_fn(model, batch) -> loss` replaces the default `model(inputs, targets, doc_ids=...)` (chat_rl's
     policy-gradient loss uses it); the batch's first element is still the (B, T) inputs."""
-    checkpoint_dir = Path(checkpoint_dir)
-    device = dist.device
-    dtype = resolve_dtype(device.type, flags.dtype)
-
-    def autocast():
-        return autocast_context(device, dtype)
-
-    meta = {"flags": asdict(flags), **(meta or {})}
-    log = TrainLog(checkpoint_dir, dist.is_master)
-
-    state = LoopState()
-    start = resume_step(flags, checkpoint_dir)
-    if start is not None:
-        state = restore(model, optimizers, batches, checkpoint_dir, start, dist)
-        log.truncate_after(start)
-    start_step = state.step
-    if start_step > num_iterations:
-        raise UserError(f"the checkpoint is at step {start_step}, past --num_iterations {num_iterations}; "
-                        "raise --num_iterations")
-
-    compile_model = flags.compile if flags.compile is not None else device.type == "cuda"
-    # dynamic=None: a second row length (SFT, RL) compiles once for any length instead of once per length,
-    # which with dynamic=False would hit the recompile limit and silently fall back to eager
-    train_model = torch.compile(model, dynamic=None) if compile_model else model
-    wandb_run = init_wandb(flags.run, wandb_project, meta, dist.is_master)
-    peak = device_peak_flops(device, dtype)
-    result = TrainResult(step=start_step)
-    model.train()
-    timed_steps, timed_seconds = 0, 0.0
-
-    def save() -> None:
-        rank_state = {"rng": capture_rng_state(), "loader": batches.state_dict()}
-        loop = {"tokens_seen": state.tokens_seen, "loss_ema": state.loss_ema, "metrics": state.metrics}
-        result.checkpoint = save_checkpoint(checkpoint_dir, state.step, model, optimizers,
-                                            {**meta, **state.metrics, "loop": loop}, rank_state,
-                                            keep_last=flags.keep_last)
-
+    run = Run(model, optimizers, batches, schedule, flags, Path(checkpoint_dir), dist, num_iterations,
+              grad_accum_steps, list(evals), dict(meta or {}), flops_per_token, loss_fn, wandb_project)
+    state = start_run(run)
+    result = TrainResult(step=state.step)
     while True:
         last = state.step == num_iterations
-        if state.step > start_step or start is None:
-            try:
-                with autocast():
-                    run_evals([e for e in evals if last or (e.every != -1 and state.step % e.every == 0)],
-                              model, state, log, wandb_run)
-            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; MPS raises a plain one
-                # An eval that runs out of memory (on a laptop, say) must not lose the steps trained since the
-                # last save. Single process only: a collective save would hang if just this rank failed.
-                if "out of memory" in str(exc).lower() and not dist.is_distributed and state.step > start_step:
-                    save()
-                    print0(f"the eval ran out of memory; saved step {state.step} first, continue with --resume")
-                raise
-        if state.step > start_step and (last or (flags.save_every != -1 and state.step % flags.save_every == 0)):
-            save()
+        result.checkpoint = evaluate_and_save(run, state, last) or result.checkpoint
         if last:
             break
-
-        lr_mult = lr_schedule(state.step)
-        set_lr(optimizers, lr_mult)
+        lr_mult = set_hyperparameters(run, state.step)
         t0 = time.perf_counter()
-        try:
-            loss_avg, step_tokens = accumulate_gradients(train_model, batches, grad_accum_steps, autocast, loss_fn,
-                                                         device)
-        except torch.OutOfMemoryError:
-            smaller = max(1, flags.device_batch_size // 2)
-            raise UserError(f"out of memory at step {state.step + 1} with --device_batch_size "
-                            f"{flags.device_batch_size}; try --device_batch_size {smaller} (grad accumulation keeps "
-                            "--total_batch_size) or --activation_checkpointing") from None
-        if dist.world_size > 1:
-            torch_dist.all_reduce(loss_avg)
-            loss_avg /= dist.world_size
-        loss_value = loss_avg.item()  # every rank holds the same value, so every rank stops together
-        if not math.isfinite(loss_value):
-            steps = complete_steps(checkpoint_dir)
-            good = step_dir(checkpoint_dir, steps[-1]) if steps else "none yet"
-            raise TrainingDiverged(f"loss is {loss_value} at step {state.step + 1}; stopped before the update. "
-                                   f"Last good checkpoint: {good}; lower the learning rates and --resume")
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-
-        state.step += 1
-        step_tokens *= dist.world_size
-        state.tokens_seen += step_tokens
-        state.loss_ema = LOSS_EMA_BETA * state.loss_ema + (1 - LOSS_EMA_BETA) * loss_value
-        smoothed = state.loss_ema / (1 - LOSS_EMA_BETA ** state.step)
-        result.losses[state.step] = loss_value
-        if state.step > start_step + 1:  # the first step pays for compilation and warm-up
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
-        tok_per_s = step_tokens / dt
-        eta = (num_iterations - state.step) * (timed_seconds / timed_steps if timed_steps else dt)
-        print0(f"step {state.step:05d}/{num_iterations:05d} ({100 * state.step / num_iterations:.1f}%) | "
-               f"loss {smoothed:.6f} | lrm {lr_mult:.3f} | {dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s"
-               f"{format_rate(flops_per_token, tok_per_s, peak, dist.world_size)} | eta {eta / 60:.1f}m")
-        log.write({"step": state.step, "loss": loss_value, "lr_mult": lr_mult, "dt_ms": dt * 1000,
-                   "tokens": state.tokens_seen})
-        wandb_run.log({"step": state.step, "train/loss": smoothed, "train/raw_loss": loss_value,
-                       "train/lr_mult": lr_mult, "train/tok_per_s": tok_per_s, "train/tokens": state.tokens_seen})
-
-    wandb_run.finish()
+        loss, tokens = accumulate(run, state)
+        loss_value = loss.item()  # every rank holds the same value, so every rank stops together
+        optimizer_step(run, state, loss_value)
+        log_step(run, state, result, loss_value, tokens, lr_mult, time.perf_counter() - t0)
+    run.wandb_run.finish()
     result.step, result.metrics = state.step, dict(state.metrics)
     return result

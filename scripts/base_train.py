@@ -20,23 +20,19 @@ from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.gpt import ModelFlags, model_config
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import setup_optimizers
-from nanochat.schedules import warmup_warmdown
+from nanochat.optim import OptimFlags, setup_optimizers
+from nanochat.schedules import Schedule, warmup_warmdown
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import Eval, grad_accum_steps, train
 
 @dataclass
-class BaseTrainFlags(ModelFlags, TrainFlags):
+class BaseTrainFlags(ModelFlags, OptimFlags, TrainFlags):
     """Pretrain a GPT from scratch on the base_data shards."""
     # Run length (first one set wins)
     target_flops: float = flag(-1.0, "training FLOPs to spend, sets the steps when --num_iterations is -1; -1 = off")
     target_param_data_ratio: float = flag(20.0, "tokens per parameter (Chinchilla ~20), used when --num_iterations "
                                                 "and --target_flops are -1")
     # Optimization
-    embedding_lr: float = flag(0.2, "AdamW LR of the input embedding (scaled by (model_dim/768)^-0.5)")
-    unembedding_lr: float = flag(0.004, "AdamW LR of the lm_head (scaled by (model_dim/768)^-0.5)")
-    matrix_lr: float = flag(0.02, "Muon LR of the block matrices")
-    weight_decay: float = flag(0.0, "AdamW weight decay of the embeddings")
     warmup_ratio: float = flag(0.0, "fraction of steps with a linear LR warm-up")
     warmdown_ratio: float = flag(0.2, "fraction of steps at the end with a linear LR decay")
     final_lr_frac: float = flag(0.0, "LR at the end of the warm-down, as a fraction of the peak")
@@ -138,14 +134,13 @@ def main(argv: list[str] | None = None) -> None:
            f"{num_iterations * flags.total_batch_size:,} tokens; grad accumulation {accum} × {dist.world_size} "
            f"rank(s) × {flags.device_batch_size} rows × {seq_len}; checkpoints in {out_dir}")
 
-    optimizers = setup_optimizers(model, flags.embedding_lr, flags.unembedding_lr, flags.matrix_lr,
-                                  flags.weight_decay)
+    optimizers = setup_optimizers(model, flags)
     batches = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "train", dist.device, dist.rank,
                              dist.world_size, doc_mask=flags.doc_mask, packing=flags.packing)
-    schedule = warmup_warmdown(num_iterations, round(flags.warmup_ratio * num_iterations), flags.warmdown_ratio,
-                               flags.final_lr_frac)
+    schedule = Schedule(lr=warmup_warmdown(num_iterations, round(flags.warmup_ratio * num_iterations),
+                                           flags.warmdown_ratio, flags.final_lr_frac))
     start = time.time()
-    result = train(model, optimizers, batches, lr_schedule=schedule, flags=flags, checkpoint_dir=out_dir, dist=dist,
+    result = train(model, optimizers, batches, schedule=schedule, flags=flags, checkpoint_dir=out_dir, dist=dist,
                    num_iterations=num_iterations, grad_accum_steps=accum,
                    evals=build_evals(flags, tokenizer, dist, seq_len), flops_per_token=flops_per_token,
                    meta={"source": "base", "num_iterations": num_iterations})

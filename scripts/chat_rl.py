@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_stage import StageFlags, examples_accum_steps, stage_optimizers, start_stage
+from nanochat.chat_stage import StageFlags, stage_optimizers, start_stage
 from nanochat.common import UserError, cleanup_distributed, print0, resolve_dtype
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
-from nanochat.schedules import warmup_warmdown
-from nanochat.trainer import Eval, train
+from nanochat.schedules import Schedule, warmup_warmdown
+from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task
 from tasks.gsm8k import GSM8K
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = start_stage(flags, flags.source, "rl")
     dist, model, tokenizer = stage.dist, stage.model, stage.tokenizer
     train_task, val_task = rl_task(flags, "train"), rl_task(flags, "val")
-    accum = examples_accum_steps(flags.examples_per_step, 1, dist.world_size, "examples_per_step")
+    accum = grad_accum_steps(flags.examples_per_step, 1, None, dist.world_size, "examples_per_step")
     num_iterations = flags.num_iterations
     if num_iterations == -1:
         num_iterations = max(1, len(train_task) // flags.examples_per_step)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         return {**metrics, "train_reward": batches.mean_reward}
 
     result = train(model, stage_optimizers(model, flags), batches,
-                   lr_schedule=warmup_warmdown(num_iterations, 0, 1.0, 0.0), flags=flags,
+                   schedule=Schedule(lr=warmup_warmdown(num_iterations, 0, 1.0, 0.0)), flags=flags,
                    checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations, grad_accum_steps=accum,
                    evals=[Eval("pass@k", flags.eval_every, evaluate)],
                    meta={"source": flags.source, "source_step": stage.source_meta["step"], "task": flags.task},

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from nanochat import report
 from nanochat.chat_data import PaddedChatBatches, loader_totals
 from nanochat.chat_eval import GenerationSettings, run_generative
-from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, chat_val_loss, examples_accum_steps,
-                                 resolve_chat_data, stage_optimizers, start_stage)
+from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, chat_val_loss, resolve_chat_data,
+                                 stage_optimizers, start_stage)
 from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.engine import Engine
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.schedules import warmup_warmdown
-from nanochat.trainer import Eval, train
+from nanochat.schedules import Schedule, warmup_warmdown
+from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     stage = start_stage(flags, flags.source, "sft")
     dist, model, tokenizer, seq_len = stage.dist, stage.model, stage.tokenizer, stage.seq_len
-    accum = examples_accum_steps(flags.target_examples_per_step, flags.device_batch_size, dist.world_size)
+    accum = grad_accum_steps(flags.target_examples_per_step, flags.device_batch_size, None, dist.world_size,
+                             "target_examples_per_step")
     chat_data = resolve_chat_data(flags.chat_data)
     train_task = chat_mixture(flags, "train", chat_data, SFT_FRACTIONS, mixture_task_sets)
     val_task = chat_mixture(flags, "val", chat_data, SFT_FRACTIONS)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         return metrics
 
     result = train(model, stage_optimizers(model, flags), batches,
-                   lr_schedule=warmup_warmdown(num_iterations, 0, 1.0, 0.0),
+                   schedule=Schedule(lr=warmup_warmdown(num_iterations, 0, 1.0, 0.0)),
                    flags=flags, checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations,
                    grad_accum_steps=accum,
                    evals=[Eval("val", flags.eval_every, val_loss), Eval("chat", flags.chat_eval_every, accuracies)],

@@ -52,7 +52,8 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     fresh = setup_optimizers(restored)
     for opt, state in zip(fresh, ckpt.optimizer_states):
         opt.load_state_dict(state)
-    assert fresh[1].param_groups[0]["step"] == 2
+    assert torch.equal(next(iter(fresh[1].state.values()))["momentum_buffer"],
+                       next(iter(optimizers[1].state.values()))["momentum_buffer"])
     assert torch.equal(next(iter(fresh[0].state.values()))["exp_avg"],
                        next(iter(optimizers[0].state.values()))["exp_avg"])
     restore_rng_state(ckpt.rank_state["rng"])

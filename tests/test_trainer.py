@@ -15,8 +15,9 @@ from nanochat.checkpoint import complete_steps, create_model
 from nanochat.common import DistInfo, UserError, init_distributed
 from nanochat.flags import TrainFlags, flag, parse_flags
 from nanochat.optim import setup_optimizers
-from nanochat.schedules import warmup_warmdown
-from nanochat.trainer import Eval, TrainingDiverged, grad_accum_steps, train
+from nanochat.schedules import Schedule, constant, warmup_warmdown
+from nanochat.trainer import (Eval, Run, TrainingDiverged, clip_gradients, grad_accum_steps, set_hyperparameters,
+                              train)
 from tests.training_fixtures import (VOCAB_SIZE, make_mini_corpus, read_losses, read_real_docs, subprocess_env,
                                      tiny_config, token_rows, torchrun_cmd)
 
@@ -61,7 +62,7 @@ def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CP
     optimizers = setup_optimizers(model)
     batches = RowBatches(rows, flags.device_batch_size, dist.rank, dist.world_size)
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, SEQ_LEN, dist.world_size)
-    result = train(model, optimizers, batches, lr_schedule=warmup_warmdown(flags.num_iterations), flags=flags,
+    result = train(model, optimizers, batches, schedule=Schedule(lr=warmup_warmdown(flags.num_iterations)), flags=flags,
                    checkpoint_dir=out, dist=dist, num_iterations=flags.num_iterations, grad_accum_steps=accum,
                    evals=evals, flops_per_token=model.estimate_flops(SEQ_LEN), loss_fn=loss_fn)
     return model, result
@@ -185,6 +186,46 @@ def test_batch_arithmetic_names_the_fix(total, device_batch, world, message):
 def test_grad_accum_steps_divides():
     assert grad_accum_steps(524288, 32, 2048, 8) == 1
     assert grad_accum_steps(524288, 16, 2048, 1) == 16
+
+
+def bare_run(model, optimizers, flags: TrainFlags, schedule: Schedule, tmp_path) -> Run:
+    return Run(model, optimizers, iter(()), schedule, flags, tmp_path, CPU, 1, 1, [], {}, None, None, "test")
+
+
+def test_grad_clip_scales_the_global_norm_down_only():
+    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), "cpu")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    before = [p.grad.clone() for p in model.parameters()]
+    clip_gradients(bare_run(model, [], flags_for(grad_clip=float(norm) * 2), Schedule(constant()), None))
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+    clip_gradients(bare_run(model, [], flags_for(grad_clip=0.5), Schedule(constant()), None))
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert clipped == pytest.approx(0.5, rel=1e-4)
+    for a, p in zip(before, model.parameters()):  # same direction
+        torch.testing.assert_close(p.grad, a * (0.5 / norm), rtol=1e-4, atol=1e-7)
+
+
+def test_grad_clip_changes_training_only_when_on(rows, tmp_path):
+    _, plain = run_training(flags_for(num_iterations=3, save_every=-1), rows, tmp_path / "plain")
+    _, off = run_training(flags_for(num_iterations=3, save_every=-1, grad_clip=0.0), rows, tmp_path / "off")
+    _, clipped = run_training(flags_for(num_iterations=3, save_every=-1, grad_clip=0.01), rows, tmp_path / "clip")
+    assert off.losses == plain.losses
+    assert clipped.losses[1] == plain.losses[1] and clipped.losses[3] != plain.losses[3]
+
+
+def test_schedules_reach_every_param_group():
+    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), "cpu")
+    adamw, muon = setup_optimizers(model)
+    muon.param_groups[0]["initial_weight_decay"] = 0.2
+    schedule = Schedule(lr=lambda step: 0.5 if step == 7 else 1.0, muon_momentum=lambda step: 0.9 - step / 100,
+                        weight_decay=constant(0.25))
+    assert set_hyperparameters(bare_run(model, [adamw, muon], flags_for(), schedule, None), 7) == 0.5
+    assert all(g["lr"] == g["initial_lr"] * 0.5 for opt in (adamw, muon) for g in opt.param_groups)
+    assert all(g["momentum"] == pytest.approx(0.83) for g in muon.param_groups)
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(0.05)
+    assert "momentum" not in adamw.param_groups[0]
 
 
 @pytest.mark.slow
