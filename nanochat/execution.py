@@ -33,8 +33,8 @@ Layers, outermost first; each is applied when the OS allows it and `result.isola
 - `landlock-abiN`: a Landlock ruleset (Linux >= 5.13) that forbids writing, creating or deleting files anywhere
   but the temp dir and /dev/null, and (ABI >= 4) every TCP bind/connect, and (ABI >= 6) abstract Unix sockets
   and signals to processes outside the sandbox;
-- `seccomp` (x86-64 and arm64): AF_UNIX socket()/socketpair() fail, so no connect to a socket file (Landlock,
-  up to ABI 7, cannot stop that); ptrace, process_vm_readv/writev, pidfd_getfd and io_uring fail; a syscall
+- `seccomp` (x86-64 and arm64): AF_UNIX socket() and datagram socketpair() fail, so no connect to a socket file
+  (Landlock, up to ABI 7, cannot stop that; stream socketpairs stay, for asyncio); ptrace, process_vm_readv/writev, pidfd_getfd and io_uring fail; a syscall
   through another ABI (x32, int 0x80) kills the process;
 - rlimits on CPU seconds, address space, processes, file size, open files, and no core dumps;
 - Python-level guards: os.system, exec*/spawn*, kill, subprocess and ctypes are removed before the code runs,

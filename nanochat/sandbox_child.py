@@ -23,19 +23,18 @@ PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 22, 38
 # sandbox uid cannot read (pyenv under /root). A fixed list of stdlib modules that do nothing when imported: the
 # program never picks code that runs as root. Anything else it imports loads after the drop, or fails to.
 PRELOADABLE = frozenset("""
-    abc array base64 binascii bisect calendar cmath collections collections.abc colorsys contextlib copy csv
+    abc array asyncio base64 binascii bisect calendar cmath collections collections.abc colorsys contextlib copy csv
     dataclasses datetime decimal difflib enum fractions functools graphlib hashlib heapq hmac io itertools json
     keyword math numbers operator pprint queue random re secrets statistics string struct textwrap time types
     typing unicodedata zlib
 """.split())
 
-# Seccomp, per architecture: (AUDIT_ARCH, syscalls refused outright, syscalls refused for AF_UNIX).
-# Refused outright: ptrace and the calls that read or write another process's memory or fds, and io_uring
-# (its socket/connect operations would bypass this filter).
+# Seccomp, per architecture: (AUDIT_ARCH, syscalls refused outright, socket, socketpair). Refused outright:
+# ptrace, process_vm_readv/writev and pidfd_getfd (reading another process's memory or fds), and
+# io_uring_setup/enter/register (its socket and connect operations would bypass the filter).
 SECCOMP_ARCHES = {
-    # ptrace, process_vm_readv/writev, pidfd_getfd, io_uring_setup/enter/register; socket, socketpair
-    "x86_64": (0xC000003E, (101, 310, 311, 438, 425, 426, 427), (41, 53)),
-    "aarch64": (0xC00000B7, (117, 270, 271, 438, 425, 426, 427), (198, 199)),
+    "x86_64": (0xC000003E, (101, 310, 311, 438, 425, 426, 427), 41, 53),
+    "aarch64": (0xC00000B7, (117, 270, 271, 438, 425, 426, 427), 198, 199),
 }
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -170,21 +169,28 @@ def landlock(workdir: str, isolation: list[str]) -> bool:
 
 
 def seccomp(isolation: list[str]) -> None:
-    """A BPF filter: AF_UNIX sockets (Landlock cannot stop a connect to a socket file), ptrace and friends, and
-    io_uring fail with EPERM; a syscall from another ABI (x32, or int 0x80 on x86-64) kills the process."""
+    """A BPF filter: AF_UNIX socket() fails with EPERM (Landlock cannot stop a connect to a socket file), and so
+    does socketpair() unless stream-like (a datagram pair could be re-connected to a socket file; asyncio's
+    stream pair keeps working); so do ptrace and friends and io_uring; a syscall from another ABI (x32, or
+    int 0x80 on x86-64) kills the process."""
     if os.uname().machine not in SECCOMP_ARCHES:
         return
-    arch, refused, unix_only = SECCOMP_ARCHES[os.uname().machine]
-    LOAD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    arch, refused, socket_nr, socketpair_nr = SECCOMP_ARCHES[os.uname().machine]
+    # BPF_LD|W|ABS, BPF_ALU|AND|K, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K; (code, jump if true, if false, k)
+    LOAD, AND, JEQ, JGE, RET = 0x20, 0x54, 0x15, 0x35, 0x06
     ALLOW, DENY, KILL = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # SECCOMP_RET_ALLOW, ERRNO(EPERM), KILL_PROCESS
-    AF_UNIX, X32_BIT = 1, 0x40000000
-    program = [(LOAD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LOAD, 0, 0, 0)]  # arch, then nr
+    NR, ARCH, ARG0, ARG1 = 0, 4, 16, 24  # offsets in struct seccomp_data (low 32 bits of each argument)
+    AF_UNIX, SOCK_STREAM, SOCK_SEQPACKET, X32_BIT = 1, 1, 5, 0x40000000
+    program = [(LOAD, 0, 0, ARCH), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LOAD, 0, 0, NR)]
     if arch == 0xC000003E:
         program += [(JGE, 0, 1, X32_BIT), (RET, 0, 0, KILL)]
     for number in refused:
         program += [(JEQ, 0, 1, number), (RET, 0, 0, DENY)]
-    for number in unix_only:  # args[0] (the domain) is at offset 16
-        program += [(JEQ, 0, 4, number), (LOAD, 0, 0, 16), (JEQ, 0, 1, AF_UNIX), (RET, 0, 0, DENY), (RET, 0, 0, ALLOW)]
+    program += [(JEQ, 0, 4, socket_nr), (LOAD, 0, 0, ARG0), (JEQ, 0, 1, AF_UNIX), (RET, 0, 0, DENY),
+                (RET, 0, 0, ALLOW)]
+    program += [(JEQ, 0, 8, socketpair_nr), (LOAD, 0, 0, ARG0), (JEQ, 0, 5, AF_UNIX), (LOAD, 0, 0, ARG1),
+                (AND, 0, 0, 0xF), (JEQ, 2, 0, SOCK_STREAM), (JEQ, 1, 0, SOCK_SEQPACKET), (RET, 0, 0, DENY),
+                (RET, 0, 0, ALLOW)]  # the type's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC sit above them
     program.append((RET, 0, 0, ALLOW))
 
     class Filter(ctypes.Structure):
