@@ -301,6 +301,34 @@ def test_sse_parser_handles_split_lines_and_utf8(page):
                                  separators=(",", ":"))]
 
 
+def test_context_fitting_keeps_the_system_prompt_and_whole_characters(page):
+    """context.js against a counting function with known answers: one token per code point, 40-token context."""
+    result = page.execute_async_script("""
+        const done = arguments[0];
+        import('/ui/context.js').then(async ({ fitChat, fitPrompt }) => {
+          const count = async (body) => ({
+            count: body.prompt !== undefined ? Array.from(body.prompt).length
+                                             : body.messages.reduce((n, m) => n + m.content.length, 0),
+            context: 40,
+          });
+          const turns = ['u0'.repeat(4), 'a0'.repeat(4), 'u1'.repeat(4), 'a1'.repeat(4), 'u2'.repeat(4)]
+            .map((content, i) => ({ role: i % 2 ? 'assistant' : 'user', content }));
+          const chat = await fitChat(turns, 'sys', 100, count);
+          const raw = await fitPrompt('😀'.repeat(50), 100, count);
+          const tooLong = await fitChat([{ role: 'user', content: 'x'.repeat(40) }], '', 100, count)
+            .then(() => 'sent', (e) => e.message);
+          done({ chat, raw, tooLong });
+        }).catch((e) => done('ERROR ' + e));
+    """)
+    chat, raw = result["chat"], result["raw"]
+    assert [m["content"][:2] for m in chat["messages"]] == ["sy", "u1", "a1", "u2"]
+    assert chat["maxTokens"] == 40 - 27 and chat["capped"], "3 + 3 × 8 tokens leave 13 (a reserve of 10 is met)"
+    assert chat["notice"] == "The 2 oldest messages were left out: they no longer fit the model's 40-token context."
+    assert raw["prompt"] == "😀" * 27, "cut to 90 % of the 30-token budget, never inside a surrogate pair"
+    assert raw["maxTokens"] == 40 - 27
+    assert result["tooLong"] == "Your message needs 40 tokens, but this model's context is 40 tokens; shorten it."
+
+
 def test_server_errors_are_shown_readably(page):
     set_settings(page, temperature=5)  # the settings dialog refuses this; stored settings can still hold it
     reload(page)
