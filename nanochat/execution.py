@@ -34,16 +34,17 @@ Layers, outermost first; each is applied when the OS allows it and `result.isola
   but the temp dir and /dev/null, and (ABI >= 4) every TCP bind/connect, and (ABI >= 6) abstract Unix sockets
   and signals to processes outside the sandbox;
 - `seccomp` (x86-64 and arm64): AF_UNIX socket() and datagram socketpair() fail, so no connect to a socket file
-  (Landlock, up to ABI 7, cannot stop that; stream socketpairs stay, for asyncio); ptrace, process_vm_readv/writev, pidfd_getfd and io_uring fail; a syscall
-  through another ABI (x32, int 0x80) kills the process;
+  (Landlock, up to ABI 7, cannot stop that; stream socketpairs stay, for asyncio); ptrace, process_vm_readv/
+  writev, pidfd_getfd and io_uring fail; a syscall through another ABI (x32, int 0x80) kills the process;
 - rlimits on CPU seconds, address space, processes, file size, open files, and no core dumps;
 - Python-level guards: os.system, exec*/spawn*, kill, subprocess and ctypes are removed before the code runs,
   and the socket module too when neither netns nor Landlock blocks the network.
 
 What it does NOT contain, honestly:
 - Code written to beat the sentinel: it sits in the child's memory while the program runs, so a program that
-  walks the interpreter's frames or memory (e.g. via ctypes dug back out) can forge a pass. It stops programs
-  that stop early, not an adversary aiming at the harness; nor does it stop a program that fools weak tests.
+  walks the interpreter's frames or memory (e.g. via ctypes dug back out), or skips lines from a trace
+  function, can forge a pass. It stops programs that stop early, not an adversary aiming at the harness; nor
+  does it stop a program that fools weak tests.
 - Reading: any file the sandbox uid (or the unprivileged user) can read stays readable; Landlock limits writes.
 - Not root: supplementary groups stay (the kernel forbids setgroups in a user namespace one maps oneself), so
   files readable through them stay readable; there is no cgroup, and RLIMIT_NPROC counts the user's processes

@@ -72,8 +72,9 @@ def enter_namespaces() -> bool:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> bool:
-    encode = lambda text: text.encode() if text is not None else None  # noqa: E731
-    return libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) == 0
+    source_b, target_b, fstype_b, data_b = (None if text is None else text.encode()
+                                            for text in (source, target, fstype, data))
+    return libc.mount(source_b, target_b, fstype_b, flags, data_b) == 0
 
 
 def mount_private_views(workdir: str, limits: dict, owner: int, isolation: list[str]) -> None:
