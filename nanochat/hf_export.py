@@ -10,8 +10,10 @@
 Weights: transformers' NanoChat rotates with `rotate_half(x) = (x2, -x1)`, ours with Llama's `(-x2, x1)`, i.e.
 the opposite angle. Negating the second half of every query and key head (rows of c_q and c_k) turns one into
 the other: QK-norm has no gain, so it commutes with the sign flip, and the flip cancels in q·k. Padded vocab
-rows are dropped. Configurations that architecture cannot express (SwiGLU, learnable norms, no QK-norm, ...)
-are refused with a line that says why.
+rows are dropped. Configurations that architecture cannot express (SwiGLU, learnable norms, no QK-norm, and the
+frontier switches: value embeddings, sliding windows, residual scalars, smear, backout, QK scale) are refused
+with a line that names the setting. The frontier init and compute-dtype embeddings export fine (the weights are
+written in float32 either way).
 
 Merges: tiktoken ranks carry no merge list; the merge that made token t is what byte-pair encoding of t's bytes
 with only the ranks below t's leaves: exactly two parts.
@@ -146,6 +148,13 @@ def check_exportable(config: GPTConfig) -> None:
         reasons.append("it has no QK-norm (the architecture always normalises queries and keys)")
     if not config.embed_norm:
         reasons.append("it does not normalise the embedding (the architecture always does)")
+    frontier = [("value_embeds", config.value_embeds), ("window_pattern", any(config.windows)),
+                ("residual_scalars", config.residual_scalars), ("smear", config.smear),
+                ("backout", config.backout), ("qk_scale", config.qk_scale != 1.0)]
+    for switch, on in frontier:
+        if on:
+            reasons.append(f"--{switch} is set (the architecture has no such part); export with the 2025 "
+                           "architecture or keep the nanochat checkpoint")
     if config.num_heads * config.head_dim != config.model_dim:
         reasons.append(f"num_heads × head_dim ({config.num_heads} × {config.head_dim}) is not model_dim "
                        f"{config.model_dim} (the architecture derives head_dim from them)")

@@ -9,6 +9,9 @@ output and its re-layout for c_proj, and the MLP's hidden tensors (ReLU² keeps 
 consumer (c_q, c_k, c_v). The loss keeps fp32 logits twice per token (tanh and log-softmax outputs) when it fits
 one chunk; a chunked loss keeps only the final hidden state and recomputes one chunk of logits at a time.
 Attention is assumed to run a flash kernel (no T×T matrix), as SDPA does on GPU and on CPU without GQA.
+Frontier switches add per token: the value-embedding lookup and the gated V on each value-embedding layer, the
+scaled residual per block (residual scalars), and one residual-sized tensor each for smear and backout.
+With compute_dtype_embeddings under autocast the embedding tables, their grads and AdamW state are bf16.
 """
 from __future__ import annotations
 
@@ -58,15 +61,28 @@ def block_activation_bytes(config: GPTConfig, autocast: bool) -> float:
     return FP32 * residual + width * (normed + other)
 
 
+def switch_activation_bytes(config: GPTConfig, autocast: bool) -> float:
+    """Bytes per token the frontier switches add over the whole model."""
+    width = 2 if autocast else FP32
+    dim_kv = config.num_kv_heads * config.head_dim
+    value_embeds = len(config.value_embed_layers) * width * (2 * dim_kv + config.num_kv_heads)
+    residual = FP32 * config.model_dim * (config.depth * config.residual_scalars + config.smear + config.backout)
+    return value_embeds + residual
+
+
 def estimate_memory(config: GPTConfig, device_batch_size: int, seq_len: int | None = None, autocast: bool = False,
                     activation_checkpointing: bool = False, world_size: int = 1) -> MemoryEstimate:
     """Peak bytes on one device for a training step (fp32 master weights; `autocast` = bf16 compute)."""
     seq_len = seq_len or config.max_seq_len
     model = meta_model(config)
-    params = model.num_params()["total"]
+    counts = model.num_params()
+    params = counts["total"]
+    # bytes saved per embedding element (weight, grad and two AdamW moments) when the tables are bf16
+    narrow = (FP32 - 2) * (counts["embedding"] + counts["value_embeds"]) if (
+        config.compute_dtype_embeddings and autocast) else 0
     tokens = device_batch_size * seq_len
     block = tokens * block_activation_bytes(config, autocast)
-    stem = tokens * FP32 * config.model_dim * 3  # embedding output, last residual, final norm output
+    stem = tokens * (FP32 * config.model_dim * 3 + switch_activation_bytes(config, autocast))
     vocab = config.padded_vocab_size
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     if tokens <= chunk_rows:
@@ -79,8 +95,8 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, seq_len: int | No
     else:
         activations = config.depth * block + stem + logits
     # ZeRO-2 AdamW and owner-only Muon state split the optimizer state across ranks
-    optimizer = FP32 * optimizer_state_elements(model) // world_size
-    return MemoryEstimate(weights=FP32 * params, grads=FP32 * params, optimizer=optimizer,
+    optimizer = (FP32 * optimizer_state_elements(model) - 2 * narrow) // world_size
+    return MemoryEstimate(weights=FP32 * params - narrow, grads=FP32 * params - narrow, optimizer=optimizer,
                           activations=int(activations))
 
 

@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: depth {config.depth}, model_dim {config.model_dim}, {config.num_heads} heads "
           f"({config.num_kv_heads} kv) × head_dim {config.head_dim}, max_seq_len {config.max_seq_len}, "
           f"vocab {config.vocab_size} ({vocab_from}; padded {config.padded_vocab_size})")
-    print(f"parameters: {counts['total']:,} = embedding {counts['embedding']:,} + blocks {counts['blocks']:,} "
-          f"+ lm_head {counts['lm_head']:,}")
+    parts = [part for part in ("embedding", "value_embeds", "blocks", "scalars", "lm_head")
+             if counts[part] or part not in ("value_embeds", "scalars")]  # the switches' parts only when present
+    print(f"parameters: {counts['total']:,} = " + " + ".join(f"{part} {counts[part]:,}" for part in parts))
     print(f"FLOPs per token (fwd+bwd): {flops:.4e}")
     print(f"param:data {flags.target_param_data_ratio:g} -> {tokens:,.0f} tokens = "
           f"{max(1, round(tokens / flags.total_batch_size)):,} steps of {flags.total_batch_size:,} tokens, "

@@ -21,7 +21,7 @@ import tasks.spellingbee as spellingbee
 from nanochat.checkpoint import create_model
 from nanochat.common import UserError, broadcast_parameters, check_shared_base_dir, init_distributed
 from nanochat.flags import parse_flags
-from tests.training_fixtures import tiny_config
+from tests.model_cases import tiny_config
 
 
 def gather(value) -> list:

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
+from tests.model_cases import tiny_config
 
 TRAINING_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,13 +48,11 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return Tokenizer.train_from_iterator(TRAINING_TEXTS, vocab_size)
 
 
-def random_gpt(vocab_size: int, num_kv_heads: int = 2, depth: int = 2, max_seq_len: int = 128,
-               seed: int = 0) -> GPT:
-    """A random GPT whose blocks do real work: zero-initialised projections are perturbed."""
+def random_gpt(vocab_size: int, seed: int = 0, **switches) -> GPT:
+    """A random GPT whose blocks do real work: zero-initialised projections are perturbed. Depth 2, 4 heads of 8
+    (2 kv heads), context 128, unless `switches` (any GPTConfig field, see tests/model_cases.py) say otherwise."""
     torch.manual_seed(seed)
-    config = GPTConfig(depth=depth, model_dim=32, num_heads=4, num_kv_heads=num_kv_heads, head_dim=8,
-                       max_seq_len=max_seq_len, vocab_size=vocab_size)
-    model = GPT(config)
+    model = GPT(tiny_config(vocab_size, **{**dict(head_dim=8, num_kv_heads=2, max_seq_len=128), **switches}))
     model.init_weights()
     return perturb_projections(model).eval()
 
@@ -78,8 +77,7 @@ def known_logits_gpt(vocab_size: int, logits_by_token: dict[int, float], max_seq
     Every token embeds to the same vector and each block is the identity (zero output projections), so the final
     hidden state is all ones after RMSNorm; lm_head row j = logit_j / dim makes logit j exactly logit_j.
     """
-    config = GPTConfig(depth=1, model_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=max_seq_len,
-                       vocab_size=vocab_size)
+    config = tiny_config(vocab_size, depth=1, head_dim=8, num_kv_heads=2, max_seq_len=max_seq_len)
     model = GPT(config)
     model.init_weights()
     with torch.no_grad():

@@ -21,7 +21,7 @@ SWITCH_CASES = {
     "smear": dict(smear=True),
     "backout": dict(depth=3, backout=True),
     "qk_scale": dict(qk_scale=1.2),
-    "frontier_init": dict(init_scheme="frontier", residual_scalars=True),
+    "frontier_init": dict(init_scheme="frontier", compute_dtype_embeddings=True),
     "frontier": FRONTIER,
 }
 

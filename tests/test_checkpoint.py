@@ -13,7 +13,8 @@ from nanochat.checkpoint import (capture_rng_state, checkpoint_dir, complete_ste
                                  load_model, restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import UserError
 from nanochat.optim import setup_optimizers
-from tests.training_fixtures import make_mini_corpus, tiny_config
+from tests.model_cases import tiny_config
+from tests.training_fixtures import make_mini_corpus
 
 
 def trained(config, steps: int = 2, seed: int = 0):

@@ -44,7 +44,7 @@ def test_spy_flags_the_patterns_that_crash_on_gpus_and_macs():
 def test_bpb_over_zero_steps_reduces_device_tensors(tmp_path):
     """A rank with no val batches still joins the all-reduce, with tensors on the model's device."""
     from nanochat.loss_eval import evaluate_bpb
-    from tests.training_fixtures import tiny_config
+    from tests.model_cases import tiny_config
 
     model = create_model(tiny_config(64), "cpu")
     spy, tracker = CollectiveSpy(), HostTracker()

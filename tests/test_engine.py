@@ -10,6 +10,7 @@ from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_
 from tests.engine_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from tests.engine_helpers import (TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer,
                                   train_tool_caller)
+from tests.model_cases import SWITCH_CASES
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,10 @@ def naive_greedy(model, prompt, max_tokens):
     return ids
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_cached_greedy_equals_recompute(tokenizer, num_kv_heads):
-    model = random_gpt(tokenizer.vocab_size, num_kv_heads=num_kv_heads)
+@pytest.mark.parametrize("switches", [dict(num_kv_heads=4), dict(num_kv_heads=2), dict(num_kv_heads=1),
+                                      *SWITCH_CASES.values()], ids=["mha", "gqa", "mqa", *SWITCH_CASES])
+def test_cached_greedy_equals_recompute(tokenizer, switches):
+    model = random_gpt(tokenizer.vocab_size, **switches)
     with torch.no_grad():
         model.lm_head.weight[special_ids(tokenizer)] = 0.0  # keep greedy text free of stop and tool tokens
     engine = Engine(model, tokenizer)
@@ -50,9 +52,9 @@ def test_cache_logits_match_full_forward_per_row(num_kv_heads):
     prompt = torch.randint(0, 200, (1, 9))
     continuations = torch.randint(0, 200, (3, 6))
     with torch.no_grad():
-        prefill = KVCache(model.config.depth, 1, 9)
+        prefill = model.new_cache(1, 9)
         prefill_logits = model(prompt, kv_cache=prefill)
-        cache = KVCache(model.config.depth, 3, 15)
+        cache = model.new_cache(3, 15)
         cache.fill_from(prefill)
         steps = [model(continuations[:, t:t + 1], kv_cache=cache) for t in range(6)]
         full = model(torch.cat([prompt.expand(3, -1), continuations], dim=1))

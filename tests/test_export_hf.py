@@ -17,12 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 from nanochat.checkpoint import checkpoint_dir, save_checkpoint  # noqa: E402
 from nanochat.common import UserError  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.gpt import GPT  # noqa: E402
 from nanochat.hf_export import export_hf, recover_merges  # noqa: E402
 from nanochat.hf_import import load_hf_model  # noqa: E402
 from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from scripts import export as export_script  # noqa: E402
+from tests.engine_helpers import random_gpt  # noqa: E402
+from tests.model_cases import SWITCH_CASES, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +52,8 @@ def tokenizer(texts) -> Tokenizer:
 def trained_model(tokenizer, texts, tie: bool = False, steps: int = 6) -> GPT:
     """A depth-2 GQA model after a few optimizer steps on real text (so its weights are not the init's)."""
     torch.manual_seed(0)
-    config = GPTConfig(depth=2, model_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, max_seq_len=128,
-                       vocab_size=tokenizer.vocab_size, tie_embeddings=tie)
-    model = GPT(config)
+    model = GPT(tiny_config(tokenizer.vocab_size, model_dim=64, num_kv_heads=2, max_seq_len=128,
+                            tie_embeddings=tie))
     model.init_weights()
     optimizers = setup_optimizers(model)
     stream = [t for doc in tokenizer.encode(texts["train"][:20], prepend="<|bos|>") for t in doc]
@@ -140,17 +141,35 @@ def test_recovered_merges_rebuild_every_token(tokenizer):
     assert [a + b for a, b in merges] == [t for _, t in by_rank]
 
 
+# what transformers' NanoChat architecture cannot express, per switch case: the refusal names the setting
+REFUSED = {"swiglu": "its MLP is swiglu", "norm_weight": "learnable weights", "value_embeds": "--value_embeds",
+           "windows": "--window_pattern", "residual_scalars": "--residual_scalars", "smear": "--smear",
+           "backout": "--backout", "qk_scale": "--qk_scale", "frontier": "--value_embeds"}
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_every_switch_exports_with_our_logits_or_is_refused_in_one_line(tmp_path, tokenizer, case):
+    model = random_gpt(tokenizer.vocab_size, **SWITCH_CASES[case])
+    if case in REFUSED:
+        with pytest.raises(UserError, match=f"cannot export to the transformers nanochat architecture: "
+                                            f".*{REFUSED[case]}"):
+            export_hf(model, tokenizer, tmp_path / "out")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+        return
+    export_hf(model, tokenizer, tmp_path / "out")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("override, message", [
-    ({"mlp": "swiglu"}, "its MLP is swiglu"),
-    ({"norm_weight": True}, "learnable weights"),
     ({"qk_norm": False}, "no QK-norm"),
     ({"embed_norm": False}, "does not normalise the embedding"),
 ])
 def test_inexpressible_configs_are_refused(tmp_path, tokenizer, override, message):
-    config = GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=16,
-                       vocab_size=tokenizer.vocab_size, **override)
     with pytest.raises(UserError, match=f"cannot export to the transformers nanochat architecture: .*{message}"):
-        export_hf(GPT(config), tokenizer, tmp_path / "out")
+        export_hf(GPT(tiny_config(tokenizer.vocab_size, **override)), tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 

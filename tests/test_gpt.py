@@ -1,8 +1,11 @@
 """The model: config derivation, parameter counts, loss semantics, masks, KV-cache protocol."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
 import nanochat.gpt as gpt_module
+from nanochat.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
 from tests.engine_helpers import perturb_projections
@@ -164,3 +167,50 @@ def test_tied_embeddings_share_one_matrix():
     model = build(tiny_config(tie_embeddings=True))
     assert model.lm_head.weight is model.wte.weight
     assert model.num_params()["lm_head"] == 0
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_meta_json_rebuilds_every_switch(case, tmp_path):
+    """A saved checkpoint records the switches in meta.json and loads back into the same model."""
+    model = build(tiny_config(**SWITCH_CASES[case])).eval()
+    model.store_embeddings_in(torch.bfloat16)  # a no-op unless compute_dtype_embeddings
+    save_checkpoint(tmp_path, 1, model, optimizers=[], meta={}, rank_state={}, keep_last=-1)
+    checkpoint = load_checkpoint(tmp_path, 1, "cpu", load_optimizer=False)
+    assert checkpoint.meta["model_config"] == asdict(model.config)
+    loaded = build_model(checkpoint.meta, torch.device("cpu"), model_state=checkpoint.model_state).eval()
+    idx = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+
+
+@pytest.mark.parametrize("switches, message", [
+    (dict(window_pattern="SXL"), "--window_pattern must be letters S"),
+    (dict(window_pattern=""), "--window_pattern must be letters S"),
+    (dict(short_window=0), "--short_window must be >= 1 or -1"),
+    (dict(qk_scale=1.2, qk_norm=False), "it needs qk_norm"),
+    (dict(init_scheme="2024"), "--init_scheme must be one of 2025, frontier"),
+    (dict(compute_dtype_embeddings=True, tie_embeddings=True), "drop one of it and --tie_embeddings"),
+])
+def test_bad_switch_combinations_name_the_fix(switches, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(**switches)
+
+
+def test_model_flags_reach_the_config_by_name():
+    switches = dict(rope_theta=100000.0, value_embeds=True, window_pattern="SSSL", short_window=256,
+                    residual_scalars=True, smear=True, backout=True, qk_scale=1.2, init_scheme="frontier",
+                    compute_dtype_embeddings=True)
+    config = model_config(ModelFlags(depth=4, model_dim=256, head_dim=64, max_seq_len=1024, **switches), 1000)
+    assert {name: getattr(config, name) for name in switches} == switches
+    assert config.windows == [256, 256, 256, None]
+
+
+@pytest.mark.parametrize("max_seq_len, depth, windows", [
+    (2048, 5, [512, 512, 512, None, None]),  # a quarter of 2048; the pattern restarts, the last layer is full
+    (512, 3, [128, 128, None]),
+    (1000, 2, [256, None]),  # 250 rounded up to a multiple of 128
+    (100, 2, [None, None]),  # a 128-token window covers a 100-token context: plain causal attention
+])
+def test_short_window_is_a_quarter_of_the_context_rounded_up_to_128(max_seq_len, depth, windows):
+    config = tiny_config(depth=depth, max_seq_len=max_seq_len, window_pattern="SSSL")
+    assert config.windows == windows

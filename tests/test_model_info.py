@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.gpt import GPTConfig
 from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory
 from scripts.model_info import main
+from tests.model_cases import SWITCH_CASES, tiny_config
 from tests.training_fixtures import REPO, subprocess_env
 
 GIB = 2**30
@@ -19,9 +19,10 @@ GIB = 2**30
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_estimate_within_25_percent_of_measured_cpu_peak(checkpointing):
-    config = GPTConfig(depth=2, model_dim=64, num_heads=2, num_kv_heads=2, head_dim=32, max_seq_len=64,
-                       vocab_size=500)
+@pytest.mark.parametrize("case", ["default", "frontier"])
+def test_estimate_within_25_percent_of_measured_cpu_peak(checkpointing, case):
+    switches = {**SWITCH_CASES[case], "head_dim": 32, "short_window": 16}
+    config = tiny_config(500, **{**switches, "model_dim": 64, "max_seq_len": 64})
     measured = measure_peak_memory(config, 8, torch.device("cpu"), activation_checkpointing=checkpointing)
     estimate = estimate_memory(config, 8, autocast=False, activation_checkpointing=checkpointing).total
     assert 0.75 <= estimate / measured <= 1.25, (estimate, measured)
@@ -29,16 +30,14 @@ def test_estimate_within_25_percent_of_measured_cpu_peak(checkpointing):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_estimate_within_25_percent_of_measured_gpu_peak():
-    config = GPTConfig(depth=4, model_dim=256, num_heads=4, num_kv_heads=4, head_dim=64, max_seq_len=512,
-                       vocab_size=8192)
+    config = tiny_config(8192, depth=4, model_dim=256, head_dim=64, max_seq_len=512)
     measured = measure_peak_memory(config, 8, torch.device("cuda"))
     estimate = estimate_memory(config, 8, autocast=True).total
     assert 0.75 <= estimate / measured <= 1.25, (estimate, measured)
 
 
 def test_checkpointing_saves_memory_and_largest_batch_is_tight():
-    config = GPTConfig(depth=12, model_dim=768, num_heads=6, num_kv_heads=6, head_dim=128, max_seq_len=2048,
-                       vocab_size=65536)
+    config = tiny_config(65536, depth=12, model_dim=768, head_dim=128, max_seq_len=2048)
     plain = estimate_memory(config, 16, autocast=True)
     saved = estimate_memory(config, 16, autocast=True, activation_checkpointing=True)
     assert saved.activations < 0.5 * plain.activations and saved.weights == plain.weights
@@ -76,3 +75,16 @@ def test_check_free_vram_without_gpu_is_one_line(tmp_path):
                             cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert result.stderr == "error: --check_free_vram needs a CUDA GPU; use --vram_gb to size for one\n"
+
+
+def test_frontier_switches_in_the_report(capsys):
+    """Value embeddings and scalars are counted; sliding windows cut the attention FLOPs."""
+    ittybitty = ["--depth=4", "--model_dim=512", "--head_dim=64", "--vocab_size=24576", "--max_seq_len=2048"]
+    main([*ittybitty, "--value_embeds", "--residual_scalars", "--smear", "--backout", "--window_pattern=SSSL"])
+    out = capsys.readouterr().out
+    # value embeddings on layers 1 and 3: 2 × 24576 × 512; scalars: 4 + 4 resid/x0, 24 smear gate, 2 lambdas;
+    # blocks gain the value gates (2 × 12 × 8)
+    assert "value_embeds 25,165,824 + blocks 12,583,104 + scalars 34 + lm_head 12,582,912" in out
+    # attention: 12 · 8 · 64 · (3 × 512 + 2048) instead of 12 · 8 · 64 · 4 × 2048
+    flops = 6 * (12_583_104 + 12_582_912 + 24) + 12 * 8 * 64 * (3 * 512 + 2048)
+    assert f"FLOPs per token (fwd+bwd): {flops:.4e}" in out

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from nanochat.checkpoint import create_model
 from nanochat.optim import AdamW, Muon, OptimFlags, orthogonalize, setup_optimizers
 from nanochat.schedules import muon_momentum
-from tests.training_fixtures import subprocess_env, tiny_config, torchrun_cmd
+from tests.model_cases import tiny_config
+from tests.training_fixtures import subprocess_env, torchrun_cmd
 
 
 def test_orthogonalize_flattens_singular_values():

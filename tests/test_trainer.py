@@ -18,8 +18,9 @@ from nanochat.optim import setup_optimizers
 from nanochat.schedules import Schedule, constant, warmup_warmdown
 from nanochat.trainer import (Eval, Run, TrainingDiverged, clip_gradients, grad_accum_steps, set_hyperparameters,
                               train)
+from tests.model_cases import tiny_config
 from tests.training_fixtures import (VOCAB_SIZE, make_mini_corpus, read_losses, read_real_docs, subprocess_env,
-                                     tiny_config, token_rows, torchrun_cmd)
+                                     token_rows, torchrun_cmd)
 
 SEQ_LEN = 32
 CPU = DistInfo(False, 0, 0, 1, torch.device("cpu"))
@@ -58,7 +59,7 @@ class WorkerFlags(TrainFlags):
 
 def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=(), loss_fn=None):
     torch.manual_seed(flags.seed)
-    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), dist.device)
+    model = create_model(tiny_config(VOCAB_SIZE, max_seq_len=SEQ_LEN), dist.device)
     optimizers = setup_optimizers(model)
     batches = RowBatches(rows, flags.device_batch_size, dist.rank, dist.world_size)
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, SEQ_LEN, dist.world_size)
@@ -193,7 +194,7 @@ def bare_run(model, optimizers, flags: TrainFlags, schedule: Schedule, tmp_path)
 
 
 def test_grad_clip_scales_the_global_norm_down_only():
-    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), "cpu")
+    model = create_model(tiny_config(VOCAB_SIZE, max_seq_len=SEQ_LEN), "cpu")
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
@@ -216,7 +217,7 @@ def test_grad_clip_changes_training_only_when_on(rows, tmp_path):
 
 
 def test_schedules_reach_every_param_group():
-    model = create_model(tiny_config(VOCAB_SIZE, seq_len=SEQ_LEN), "cpu")
+    model = create_model(tiny_config(VOCAB_SIZE, max_seq_len=SEQ_LEN), "cpu")
     adamw, muon = setup_optimizers(model)
     muon.param_groups[0]["initial_weight_decay"] = 0.2
     schedule = Schedule(lr=lambda step: 0.5 if step == 7 else 1.0, muon_momentum=lambda step: 0.9 - step / 100,

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +37,6 @@ def make_mini_corpus(base_dir: Path, shared_data: Path, train_docs: int = 96, va
     tokenizer = Tokenizer.train_from_iterator(docs[:train_docs], VOCAB_SIZE)
     tokenizer.save(base_dir / "tokenizer")
     return tokenizer
-
-
-def tiny_config(vocab_size: int, depth: int = 2, model_dim: int = 32, seq_len: int = 32) -> GPTConfig:
-    return GPTConfig(depth=depth, model_dim=model_dim, num_heads=model_dim // 16, num_kv_heads=model_dim // 16,
-                     head_dim=16, max_seq_len=seq_len, vocab_size=vocab_size)
 
 
 def subprocess_env(base_dir: Path, **extra: str) -> dict:
