@@ -21,6 +21,7 @@ from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage,
                                  remove_partial, restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import (DistInfo, UserError, atomic_write, autocast_context, device_peak_flops, init_wandb,
                              print0, resolve_dtype)
+from nanochat.compiled import BucketedCompile
 from nanochat.flags import TrainFlags
 from nanochat.schedules import Schedule
 
@@ -161,9 +162,7 @@ def start_run(run: Run) -> LoopState:
         raise UserError(f"the checkpoint is at step {run.start_step}, past --num_iterations {run.num_iterations}; "
                         "raise --num_iterations")
     compile_model = run.flags.compile if run.flags.compile is not None else device.type == "cuda"
-    # dynamic=None: a second row length (SFT, RL) compiles once for any length instead of once per length,
-    # which with dynamic=False would hit the recompile limit and silently fall back to eager
-    run.train_model = torch.compile(run.model, dynamic=None) if compile_model else run.model
+    run.train_model = BucketedCompile(run.model) if compile_model else run.model
     run.wandb_run = init_wandb(run.flags.run, run.wandb_project, run.meta, run.dist.is_master)
     run.peak_flops = device_peak_flops(device, run.dtype)
     run.model.train()

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from nanochat import common
 from nanochat.checkpoint import create_model
+from nanochat.gpt import GPTConfig
+from tests.chat_fixtures import one_thread  # noqa: F401 (fixture)
 from tests.device_spy import CollectiveSpy, HostTracker
 from tests.test_tasks_chat import WORDS
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, subprocess_env, torchrun_cmd
@@ -196,3 +198,70 @@ def test_training_in_float16_is_refused_in_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --dtype float16") and "bfloat16" in err and "float32" in err and "\n" not in err
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: the same guards and recompiles, without inductor's C++ build.
+    Yields a function returning the graphs compiled so far."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager", **kwargs))
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+def test_varying_row_lengths_compile_once_per_bucket_with_unchanged_losses(eager_compile, one_thread):  # noqa: F811
+    from nanochat.compiled import BucketedCompile, bucket_length
+    from tests.training_fixtures import tiny_config
+
+    assert [bucket_length(n, 2048) for n in (1, 64, 65, 700, 2048)] == [64, 64, 128, 1024, 2048]
+    assert bucket_length(100, 96) == 100 and bucket_length(90, 96) == 96
+    torch.manual_seed(0)
+    model = create_model(tiny_config(64, seq_len=256), "cpu")
+    compiled = BucketedCompile(model)
+    lengths = [10, 33, 47, 64, 70, 99, 130, 200, 256]
+    for length in lengths:
+        inputs = torch.randint(0, 64, (2, length))
+        targets = inputs.clone()
+        targets[0, :length // 2] = -1
+        assert torch.allclose(compiled(inputs, targets), model(inputs, targets), atol=1e-5)
+        per_token = compiled(inputs, targets, loss_reduction="none")
+        assert per_token.shape == (2, length)
+        assert torch.allclose(per_token, model(inputs, targets, loss_reduction="none"), atol=1e-5)
+    # buckets 64, 128, 256 × the two loss reductions; without buckets: 9 lengths × 2, past dynamo's limit of 8
+    assert eager_compile() == 6
+
+
+def test_sft_with_compile_on_compiles_each_bucket_once(base_dir, shared_data, eager_compile, one_thread):  # noqa: F811
+    from scripts import chat_sft
+    from tests.chat_fixtures import make_base_checkpoint, train_tiny_tokenizer
+
+    make_base_checkpoint(base_dir, train_tiny_tokenizer(300), seq_len=128)
+    words = base_dir / "words.txt"
+    words.write_text("\n".join(WORDS) + "\n")
+    # short synthetic conversations: rows of many lengths (7 compiles without buckets), in buckets 64 and 128
+    chat_sft.main(["--source", "base", "--chat_examples", "0", "--simple_spelling", "40", "--spelling_bee", "20",
+                   "--arithmetic", "0", "--identity", "off", "--task_train_sets", "false", "--words_file", str(words),
+                   "--device_batch_size", "2", "--target_examples_per_step", "2", "--num_iterations", "8",
+                   "--eval_every", "-1", "--chat_eval_every", "-1", "--compile", "true"])
+    assert eager_compile() <= 2
+
+
+def test_rl_rollouts_sample_in_the_training_dtype(one_thread):  # noqa: F811
+    from nanochat.rl import RolloutBatches
+    from tasks.arithmetic import Arithmetic
+    from tests.chat_fixtures import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(300)
+    model = create_model(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=96,
+                                   vocab_size=tokenizer.vocab_size), "cpu")
+    seen = set()
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    rollouts = RolloutBatches(model, tokenizer, Arithmetic(4), num_samples=2, max_new_tokens=4, temperature=1.0,
+                              top_k=None, device=torch.device("cpu"), dtype=torch.bfloat16)
+    next(rollouts)
+    assert seen == {torch.bfloat16}
