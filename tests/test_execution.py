@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat import execution
 from nanochat.execution import SANDBOX_MARKER, SandboxLimits, execute_code
 from tasks.humaneval import HumanEval
 
@@ -347,7 +348,10 @@ def test_asyncio_still_runs():
     assert result.success and result.stdout == "42\n", result.stderr
 
 
-def test_forked_children_share_one_memory_bound():
+@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup where offered", "no cgroup"])
+def test_forked_children_share_one_memory_bound(cgroup, monkeypatch):
+    if not cgroup:  # as on a machine whose cgroups are read-only: RLIMIT_NPROC x RLIMIT_AS must fit the total
+        monkeypatch.setattr(execution, "_make_memory_cgroup", lambda limit_bytes: None)
     block = 100 * 2**20
     limits = SandboxLimits(timeout_s=20, memory_bytes=384 * 2**20, total_memory_bytes=320 * 2**20, max_processes=16)
     code = (
@@ -370,6 +374,10 @@ def test_forked_children_share_one_memory_bound():
     result = execute_code(code, limits)
     held_at_once = result.stdout.count("held")
     assert held_at_once * block <= limits.total_memory_bytes, result.isolation
+    if any(layer.startswith("memcg") for layer in result.isolation):
+        assert result.memory_exceeded and result.error == "memory limit exceeded"  # the cgroup's OOM kills count
+    else:
+        assert held_at_once == 0  # 320 MiB // 384 MiB: the program may not fork at all
 
 
 # Loops that would put 1 GiB (8 MiB per file, under the per-file limit) or 10,000 files in the temp dir:
