@@ -11,7 +11,7 @@ summed over ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nanochat.common import UserError, print0, sum_across_ranks
 from nanochat.core_eval import centered
-from nanochat.engine import fit_prompt
+from nanochat.engine import SamplingParams, fit_prompt
 from tasks.common import Task
 
 TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
@@ -27,14 +27,6 @@ TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spelli
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
 SPELLING_BEE_SIZE = 256
-
-
-@dataclass
-class GenerationSettings:
-    num_samples: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int | None = None
 
 
 def build_task(name: str, data_dir: str | Path | None = None) -> Task:
@@ -109,22 +101,22 @@ def run_categorical(model, tokenizer, task: Task, device, max_problems: int = -1
     return sum_over_ranks(correct, len(indices), device)
 
 
-def run_generative(engine, tokenizer, task: Task, settings: GenerationSettings, max_problems: int = -1,
+def run_generative(engine, tokenizer, task: Task, sampling: SamplingParams, max_problems: int = -1,
                    rank: int = 0, world_size: int = 1, progress: bool = False) -> tuple[int, int]:
-    """(solved, total) over all ranks, where solved = any of the `num_samples` completions passes."""
+    """(solved, total) over all ranks, where solved = any of the `num_samples` completions passes; problem i
+    samples with seed i."""
     context = engine.model.config.max_seq_len
     # a small model's context cannot hold a long answer budget: keep at least half of it for the prompt
-    max_new_tokens = min(settings.max_new_tokens, context // 2)
-    if max_new_tokens < settings.max_new_tokens:
-        print0(f"note: --max_new_tokens {settings.max_new_tokens} capped at {max_new_tokens} "
+    max_new_tokens = min(sampling.max_tokens, context // 2)
+    if max_new_tokens < sampling.max_tokens:
+        print0(f"note: --max_new_tokens {sampling.max_tokens} capped at {max_new_tokens} "
                f"(half of the model's {context}-token context)")
     indices = problem_indices(task, max_problems, rank, world_size)
     solved = 0
     for i in tqdm(indices, desc=type(task).__name__, disable=not progress):
         conversation = task[i]
         prompt, budget = fit_prompt(tokenizer.render_for_completion(conversation), context, max_new_tokens)
-        results, _ = engine.generate_batch(prompt, num_samples=settings.num_samples, max_tokens=budget,
-                                           temperature=settings.temperature, top_k=settings.top_k, seed=i)
+        results, _ = engine.generate_batch(prompt, **replace(sampling, max_tokens=budget, seed=i).engine_kwargs())
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         solved += any(task.evaluate(conversation, completion) for completion in completions)
     return sum_over_ranks(solved, len(indices), engine.device)

@@ -207,6 +207,26 @@ class Generation:
             logits = engine.decode_step(cache, [max(t, 0) for t in tokens])
 
 
+@dataclass
+class SamplingParams:
+    """How to sample completions: the one settings type the server, the terminal CLIs, chat_eval and RL pass
+    around. "Off" is spelled one way here and in every flag and API field: temperature 0 = greedy, top_k 0 = off,
+    top_p 1.0 = off."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 42
+    num_samples: int = 1
+    stop: list[str] = field(default_factory=list)
+
+    def engine_kwargs(self) -> dict:
+        """The keywords of `Engine.generate` / `generate_batch` (whose Python API spells off as None)."""
+        return {"num_samples": self.num_samples, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_k": self.top_k or None, "top_p": self.top_p if self.top_p < 1 else None, "seed": self.seed,
+                "stop": self.stop or None}
+
+
 class Engine:
     """Wraps a GPT and its tokenizer for generation; stateless between requests, so one engine serves many."""
 

@@ -7,25 +7,26 @@ not calculator output the engine forced, not padding). The trainer's `loss_fn` h
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from nanochat.chat_data import IGNORE
 from nanochat.common import autocast_context, sum_across_ranks
-from nanochat.engine import Engine, fit_prompt
+from nanochat.engine import Engine, SamplingParams, fit_prompt
 from tasks.common import Task
 
 
 class RolloutBatches:
     """`(inputs, targets, advantages)` per question, sampled on demand; the state is the question position."""
 
-    def __init__(self, model, tokenizer, task: Task, num_samples: int, max_new_tokens: int, temperature: float,
-                 top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model, tokenizer, task: Task, sampling: SamplingParams, device: torch.device, rank: int = 0,
+                 world_size: int = 1, dtype: torch.dtype = torch.float32):
+        """`sampling.num_samples` answers per question, each at most `sampling.max_tokens` long."""
         self.engine, self.tokenizer, self.task = Engine(model, tokenizer), tokenizer, task
         self.max_seq_len = model.config.max_seq_len
-        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
-        self.temperature, self.top_k = temperature, top_k
-        self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
+        self.sampling = sampling
+        self.device, self.rank, self.world_size = device, rank, world_size
         self.dtype = dtype  # rollouts sample in the training compute dtype, as the loss is computed
         self.assistant_end = tokenizer.encode_special("<|assistant_end|>")
         self.position = 0
@@ -39,12 +40,11 @@ class RolloutBatches:
         index = (self.position * self.world_size + self.rank) % len(self.task)
         conversation = self.task[index]
         prompt, budget = fit_prompt(self.tokenizer.render_for_completion(conversation), self.max_seq_len,
-                                    self.max_new_tokens)
+                                    self.sampling.max_tokens)
         # The seed follows the question, so a resumed run samples exactly what the original would have.
+        question = replace(self.sampling, max_tokens=budget, seed=self.sampling.seed * 1_000_003 + index)
         with autocast_context(self.device, self.dtype):
-            results, masks = self.engine.generate_batch(prompt, num_samples=self.num_samples, max_tokens=budget,
-                                                        temperature=self.temperature, top_k=self.top_k,
-                                                        seed=self.seed * 1_000_003 + index)
+            results, masks = self.engine.generate_batch(prompt, **question.engine_kwargs())
         self.position += 1
         rows, rewards = [], []
         for tokens, mask in zip(results, masks):
@@ -84,17 +84,19 @@ def policy_gradient_loss(model, batch) -> torch.Tensor:
     return -(log_probs * advantages[:, None].to(log_probs.dtype)).sum() / sampled
 
 
-def pass_at_k(model, tokenizer, task: Task, num_problems: int, k: int, max_new_tokens: int, temperature: float,
-              top_k: int | None, rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
-    """pass@1..k: the fraction of the first `num_problems` problems that one of the first j samples solves."""
+def pass_at_k(model, tokenizer, task: Task, num_problems: int, sampling: SamplingParams, rank: int = 0,
+              world_size: int = 1) -> dict[str, float]:
+    """pass@1..k (k = `sampling.num_samples`): the fraction of the first `num_problems` problems that one of the
+    first j samples solves; problem i samples with seed `sampling.seed + i`."""
     engine = Engine(model, tokenizer)
+    k = sampling.num_samples
     solved = [0] * (k + 1)  # solved[j-1] counts pass@j; the last entry counts problems
     for index in range(rank, min(num_problems, len(task)), world_size):
         conversation = task[index]
         prompt, budget = fit_prompt(tokenizer.render_for_completion(conversation), model.config.max_seq_len,
-                                    max_new_tokens)
-        results, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=budget, temperature=temperature,
-                                           top_k=top_k, seed=seed + index)
+                                    sampling.max_tokens)
+        results, _ = engine.generate_batch(
+            prompt, **replace(sampling, max_tokens=budget, seed=sampling.seed + index).engine_kwargs())
         correct = [task.evaluate(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
         for j in range(1, k + 1):
             solved[j - 1] += any(correct[:j])

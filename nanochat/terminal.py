@@ -16,14 +16,14 @@ from typing import TextIO
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, resolve_dtype
-from nanochat.engine import Engine, StreamDecoder, fit_prompt
+from nanochat.engine import Engine, SamplingParams, StreamDecoder, fit_prompt
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag
 
 GRAY, DIM, BOLD, RESET = "\x1b[90m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
 @dataclass
-class SamplingFlags(RuntimeFlags, CheckpointFlags):
+class TerminalFlags(RuntimeFlags, CheckpointFlags):
     source: str = flag("base", f"checkpoint to load: {'|'.join(CHECKPOINT_DIRS)}")
     max_tokens: int = flag(256, "most new tokens per completion")
     temperature: float = flag(0.8, "sampling temperature; 0 = greedy")
@@ -44,8 +44,13 @@ class SamplingFlags(RuntimeFlags, CheckpointFlags):
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
 
+    def sampling(self, seed: int) -> SamplingParams:
+        """One completion's settings; `seed` changes per completion."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=seed)
 
-def load_engine(flags: SamplingFlags) -> Engine:
+
+def load_engine(flags: TerminalFlags) -> Engine:
     """Load the checkpoint the flags name; the loader's progress lines go to stderr so stdout stays the text."""
     device_type = autodetect_device_type(flags.device_type)
     dtype = resolve_dtype(device_type, flags.dtype)
@@ -105,14 +110,12 @@ class TokenPrinter:
         self.out.flush()
 
 
-def stream_completion(engine: Engine, tokens: list[int], flags: SamplingFlags, seed: int,
+def stream_completion(engine: Engine, tokens: list[int], flags: TerminalFlags, seed: int,
                       out: TextIO | None = None) -> tuple[list[int], bool]:
     """Print a completion (to stdout by default) as it is sampled. Returns (completion tokens without the stop
     token, interrupted); Ctrl-C stops this completion only."""
     out = out or sys.stdout
-    generation = engine.generate(tokens, max_tokens=flags.max_tokens, temperature=flags.temperature,
-                                 top_k=flags.top_k or None, top_p=flags.top_p if flags.top_p < 1 else None,
-                                 seed=seed)
+    generation = engine.generate(tokens, **flags.sampling(seed).engine_kwargs())
     printer = TokenPrinter(engine, out)
     completion: list[int] = []
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nanochat.engine import Engine
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.terminal import (DIM, GRAY, SamplingFlags, crop_to_context, erase_rows, load_engine, paint,
+from nanochat.terminal import (DIM, GRAY, TerminalFlags, crop_to_context, erase_rows, load_engine, paint,
                                screen_rows, stream_completion)
 
 TRIGGER = "###"
@@ -23,7 +23,7 @@ FIRST_PROMPT, NEXT_PROMPT = "> ", ". "
 
 
 @dataclass
-class CompleteFlags(SamplingFlags):
+class CompleteFlags(TerminalFlags):
     prompt: str = flag("", "complete this text and exit; empty = interactive, or read stdin when it is piped")
 
 

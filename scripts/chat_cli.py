@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nanochat.engine import Engine, assistant_parts
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.terminal import (BOLD, DIM, SamplingFlags, crop_to_context, input_prompt, load_engine, paint,
+from nanochat.terminal import (BOLD, DIM, TerminalFlags, crop_to_context, input_prompt, load_engine, paint,
                                stream_completion)
 
 HELP = ("/clear new conversation · /temperature X · /topk K (0 = off) · quit or exit to leave · "
@@ -21,7 +21,7 @@ HELP = ("/clear new conversation · /temperature X · /topk K (0 = off) · quit 
 
 
 @dataclass
-class ChatFlags(SamplingFlags):
+class ChatFlags(TerminalFlags):
     source: str = flag("sft", "checkpoint to load: base|mid|sft|rl")
     temperature: float = flag(0.6, "sampling temperature; 0 = greedy")
     prompt: str = flag("", "ask this one question (also -p), print the answer and exit; empty = interactive")

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass
 
 from nanochat import report
-from nanochat.chat_eval import (BASELINES, TASK_NAMES, GenerationSettings, build_task, chatcore,
-                                parse_task_names, run_categorical, run_generative)
+from nanochat.chat_eval import (BASELINES, TASK_NAMES, build_task, chatcore, parse_task_names, run_categorical,
+                                run_generative)
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.core_eval import centered
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SamplingParams
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 
 @dataclass
@@ -27,7 +27,7 @@ class ChatEvalFlags(RuntimeFlags, CheckpointFlags):
                             short="-n")
     max_problems: int = flag(-1, "problems per task (the first N); -1 = all", short="-x")
     temperature: float = flag(0.0, "sampling temperature for generative tasks; 0 = greedy", short="-t")
-    top_k: int = flag(50, "sample from the k most likely tokens; -1 = off", short="-k")
+    top_k: int = flag(50, "sample from the k most likely tokens; 0 = off", short="-k")
     max_new_tokens: int = flag(512, "tokens generated per sample; capped at half the model's context")
     batch_size: int = flag(8, "prompts per forward pass for categorical tasks")
     data_dir: str = flag("", "folder of <task>.jsonl.gz eval files; empty = $NANOCHAT_BASE_DIR/eval_data "
@@ -38,6 +38,8 @@ class ChatEvalFlags(RuntimeFlags, CheckpointFlags):
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k < 0:
+            raise UserError(f"-k/--top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_problems == 0 or self.max_problems < -1:
             raise UserError(f"-x/--max_problems must be >= 1 or -1 (all), got {self.max_problems}")
         if self.num_samples > 1 and self.temperature == 0:
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, meta = load_model(flags.source, dist.device, *flags.checkpoint_choice(),
                                         resolve_dtype(device_type, flags.dtype))
     engine = Engine(model, tokenizer)
-    settings = GenerationSettings(flags.num_samples, flags.max_new_tokens, flags.temperature,
-                                  None if flags.top_k < 0 else flags.top_k)
+    sampling = SamplingParams(max_tokens=flags.max_new_tokens, temperature=flags.temperature, top_k=flags.top_k,
+                              num_samples=flags.num_samples)
     accuracies = {}
     for name in parse_task_names(flags.task_name):
         task = build_task(name, flags.data_dir or None)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             correct, total = run_categorical(model, tokenizer, task, dist.device, flags.max_problems,
                                              flags.batch_size, dist.rank, dist.world_size, dist.is_master)
         else:
-            correct, total = run_generative(engine, tokenizer, task, settings, flags.max_problems, dist.rank,
+            correct, total = run_generative(engine, tokenizer, task, sampling, flags.max_problems, dist.rank,
                                             dist.world_size, dist.is_master)
         accuracies[name] = correct / max(1, total)
         print0(f"{name}: {correct}/{total} = {accuracies[name]:.4f}")

@@ -10,11 +10,12 @@ val split every `--eval_every` steps; checkpoints every `--save_every`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nanochat import report
 from nanochat.chat_stage import StageFlags, stage_optimizers, start_stage
 from nanochat.common import UserError, cleanup_distributed, print0, resolve_dtype
+from nanochat.engine import SamplingParams
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from nanochat.schedules import Schedule, warmup_warmdown
@@ -34,7 +35,7 @@ class RLFlags(StageFlags):
     examples_per_step: int = flag(16, "questions per optimizer step across all ranks (one per micro-step)")
     max_new_tokens: int = flag(256, "longest sampled answer in tokens")
     temperature: float = flag(1.0, "sampling temperature for rollouts and pass@k")
-    top_k: int = flag(50, "sample from the k likeliest tokens; -1 = off")
+    top_k: int = flag(50, "sample from the k most likely tokens; 0 = off")
     compile: bool | None = flag(False, "torch.compile the model; off by default: row lengths change every "
                                        "micro-batch, and each new shape would recompile")
     init_lr_frac: float = flag(0.05, "starting LR as a fraction of the base LRs")
@@ -48,6 +49,8 @@ class RLFlags(StageFlags):
         for name in ("num_samples", "examples_per_step", "max_new_tokens", "eval_examples", "eval_samples"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k < 0:
+            raise UserError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.temperature <= 0:
             raise UserError(f"--temperature must be > 0 for sampling, got {self.temperature}")
 
@@ -73,14 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         num_iterations = max(1, len(train_task) // flags.examples_per_step)
     print0(f"chat_rl: {flags.task}, {len(train_task):,} train questions, {num_iterations} steps of "
            f"{flags.examples_per_step} questions × {flags.num_samples} samples")
-    top_k = None if flags.top_k == -1 else flags.top_k
-    batches = RolloutBatches(model, tokenizer, train_task, flags.num_samples, flags.max_new_tokens,
-                             flags.temperature, top_k, dist.device, dist.rank, dist.world_size, flags.seed,
+    sampling = SamplingParams(max_tokens=flags.max_new_tokens, temperature=flags.temperature, top_k=flags.top_k,
+                              seed=flags.seed, num_samples=flags.num_samples)
+    batches = RolloutBatches(model, tokenizer, train_task, sampling, dist.device, dist.rank, dist.world_size,
                              resolve_dtype(dist.device.type, flags.dtype))
 
     def evaluate(eval_model, step):
-        metrics = pass_at_k(eval_model, tokenizer, val_task, flags.eval_examples, flags.eval_samples,
-                            flags.max_new_tokens, flags.temperature, top_k, dist.rank, dist.world_size, flags.seed)
+        metrics = pass_at_k(eval_model, tokenizer, val_task, flags.eval_examples,
+                            replace(sampling, num_samples=flags.eval_samples), dist.rank, dist.world_size)
         return {**metrics, "train_reward": batches.mean_reward}
 
     result = train(model, stage_optimizers(model, flags), batches,

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from nanochat import report
 from nanochat.chat_data import PaddedChatBatches, loader_totals
-from nanochat.chat_eval import GenerationSettings, run_generative
+from nanochat.chat_eval import run_generative
 from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, chat_val_loss, resolve_chat_data,
                                  stage_optimizers, start_stage)
 from nanochat.common import UserError, cleanup_distributed, print0
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SamplingParams
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.schedules import Schedule, warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def accuracies(eval_model, step):
         # answers get at most half the context, as chat_eval allows (it would otherwise print a note each time)
-        greedy = GenerationSettings(max_new_tokens=min(256, eval_model.config.max_seq_len // 2))
+        greedy = SamplingParams(max_tokens=min(256, eval_model.config.max_seq_len // 2))
         engine = Engine(eval_model, tokenizer)
         metrics = {}
         for task in val_task.tasks:

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.chat_eval import (GenerationSettings, chatcore, parse_task_names, run_categorical,
-                                run_generative)
+from nanochat.chat_eval import chatcore, parse_task_names, run_categorical, run_generative
 from nanochat.common import UserError
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_eval import ChatEvalFlags
@@ -102,18 +101,18 @@ def engine(tokenizer):
 
 
 def test_pass_at_k_counts_a_problem_once_any_sample_passes(engine, tokenizer):
-    settings = GenerationSettings(num_samples=3, max_new_tokens=4, temperature=1.0)
+    settings = SamplingParams(num_samples=3, max_tokens=4, temperature=1.0)
     assert run_generative(engine, tokenizer, ThirdTimeLucky(5), settings, max_problems=4) == (4, 4)
-    single = GenerationSettings(num_samples=1, max_new_tokens=4, temperature=0.0)
+    single = SamplingParams(num_samples=1, max_tokens=4, temperature=0.0)
     assert run_generative(engine, tokenizer, ThirdTimeLucky(5), single) == (0, 5)
 
 
 def test_generative_prompts_are_cropped_to_leave_room(engine, tokenizer):
     task = ThirdTimeLucky(2, question="a very long question " * 40)
-    settings = GenerationSettings(num_samples=3, max_new_tokens=8, temperature=1.0)
+    settings = SamplingParams(num_samples=3, max_tokens=8, temperature=1.0)
     assert run_generative(engine, tokenizer, task, settings) == (2, 2)
     # an answer budget as long as the context is capped at half of it, leaving the other half to the prompt
-    too_long = GenerationSettings(num_samples=3, max_new_tokens=32, temperature=1.0)
+    too_long = SamplingParams(num_samples=3, max_tokens=32, temperature=1.0)
     assert run_generative(engine, tokenizer, ThirdTimeLucky(2, question="long " * 80), too_long) == (2, 2)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, complete_steps, create_model, load_checkpoint
+from nanochat.engine import SamplingParams
 from nanochat.gpt import GPTConfig
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from scripts import chat_rl, chat_sft, mid_train
@@ -61,8 +62,8 @@ def test_policy_gradient_step_favours_positive_advantage():
 def test_rollouts_mask_the_prompt_and_resume_exactly(tokenizer):
     model = tiny_model(tokenizer)
     task = Arithmetic(20)
-    rollouts = RolloutBatches(model, tokenizer, task, num_samples=3, max_new_tokens=12, temperature=1.0, top_k=None,
-                              device=torch.device("cpu"), seed=5)
+    sampling = SamplingParams(max_tokens=12, temperature=1.0, seed=5, num_samples=3)
+    rollouts = RolloutBatches(model, tokenizer, task, sampling, device=torch.device("cpu"))
     inputs, targets, advantages = next(rollouts)
     prompt = tokenizer.render_for_completion(task[0])
     assert inputs.shape[0] == 3 and torch.equal(inputs[0, :len(prompt)], torch.tensor(prompt))
@@ -70,11 +71,11 @@ def test_rollouts_mask_the_prompt_and_resume_exactly(tokenizer):
     assert advantages.shape == (3,) and abs(advantages.sum().item()) < 1e-6
     state = rollouts.state_dict()
     expected = next(rollouts)
-    resumed = RolloutBatches(model, tokenizer, task, num_samples=3, max_new_tokens=12, temperature=1.0, top_k=None,
-                             device=torch.device("cpu"), seed=5)
+    resumed = RolloutBatches(model, tokenizer, task, sampling, device=torch.device("cpu"))
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(expected, next(resumed)))
-    metrics = pass_at_k(model, tokenizer, Arithmetic(4, split="val"), 4, 2, 8, 1.0, None)
+    metrics = pass_at_k(model, tokenizer, Arithmetic(4, split="val"), 4,
+                        SamplingParams(max_tokens=8, temperature=1.0, seed=0, num_samples=2))
     assert set(metrics) == {"pass@1", "pass@2"} and metrics["pass@1"] <= metrics["pass@2"]
 
 

@@ -6,10 +6,10 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.chat_eval import GenerationSettings, run_generative
+from nanochat.chat_eval import run_generative
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model
 from nanochat.common import UserError
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SamplingParams
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_sft import main
 from tasks.spellingbee import SimpleSpelling, words_from_texts
@@ -35,7 +35,7 @@ def spelling_base(base_dir, shared_data):
 def spelling_accuracy(source: str, words: list[str]) -> float:
     model, tokenizer, _ = load_model(source, "cpu")
     held_out = SimpleSpelling(50, split="val", words=words)
-    solved, total = run_generative(Engine(model, tokenizer), tokenizer, held_out, GenerationSettings(max_new_tokens=32))
+    solved, total = run_generative(Engine(model, tokenizer), tokenizer, held_out, SamplingParams(max_tokens=32))
     return solved / total
 
 

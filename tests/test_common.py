@@ -209,7 +209,7 @@ def test_git_commit_names_this_checkout():
 
 @pytest.mark.parametrize("cls", ["scripts.base_eval.BaseEvalFlags", "scripts.base_loss.BaseLossFlags",
                                  "scripts.chat_eval.ChatEvalFlags", "scripts.chat_web.ChatWebFlags",
-                                 "scripts.export.ExportFlags", "nanochat.terminal.SamplingFlags"])
+                                 "scripts.export.ExportFlags", "nanochat.terminal.TerminalFlags"])
 def test_every_loading_script_picks_its_checkpoint_the_same_way(cls):
     import importlib
 

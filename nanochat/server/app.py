@@ -25,9 +25,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from nanochat.engine import SamplingParams
 from nanochat.server.errors import APIError, install_error_handlers
 from nanochat.server.guard import RequestGuard, key_matches
-from nanochat.server.generation import Outcome, SamplingParams
+from nanochat.server.generation import Outcome
 from nanochat.server.completions import SSE_HEADERS, Generation, Shape, collect, stream
 from nanochat.server.schemas import (ChatCompletionRequest, CompletionRequest, SamplingRequest, TokenizeRequest,
                                      plain_messages)
@@ -142,10 +143,9 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
                                 f"{prompt_tokens + max(max_tokens, 1)}: {prompt_tokens} in the prompt + "
                                 f"{max(max_tokens, 1)} to generate; shorten the {param} or lower max_tokens",
                            code="context_length_exceeded", param=param)
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k or None,
-                              top_p=body.top_p if body.top_p < 1 else None,
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                               seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-                              stops=body.stop, num_samples=body.n)
+                              stop=body.stop, num_samples=body.n)
 
     async def tokenize_in_queue(request: Request, tokenize: Callable[[object], list[int]]
                                 ) -> tuple[Generation, list[int]] | None:

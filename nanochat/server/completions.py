@@ -12,8 +12,9 @@ from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
 
+from nanochat.engine import SamplingParams
 from nanochat.server.errors import APIError
-from nanochat.server.generation import Outcome, SamplingParams, Step
+from nanochat.server.generation import Outcome, Step
 from nanochat.server.workers import Worker, WorkerPool
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nanochat.engine import FINISHED, STOP_TOKENS, StreamDecoder
+from nanochat.engine import FINISHED, STOP_TOKENS, SamplingParams, StreamDecoder
 
 TOOL_TOKEN_TEXT = {
     "<|python_start|>": "\n```python\n",
@@ -23,17 +23,6 @@ TOOL_TOKEN_TEXT = {
 }
 logger = logging.getLogger("nanochat.server")
 OTHER_SPECIAL_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>")
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int
-    stops: list[str] = field(default_factory=list)
-    num_samples: int = 1
 
 
 @dataclass
@@ -101,10 +90,8 @@ def run_generation(engine, tokenizer, prompt_ids: list[int], params: SamplingPar
     try:
         end_ids = {tokenizer.encode_special(name) for name in STOP_TOKENS}
         reply_text = ReplyText(tokenizer)
-        decoders = [StreamDecoder(reply_text, params.stops) for _ in range(params.num_samples)]
-        generation = engine.generate(prompt_ids, num_samples=params.num_samples, max_tokens=params.max_tokens,
-                                     temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                     seed=params.seed, stop=params.stops or None)
+        decoders = [StreamDecoder(reply_text, params.stop) for _ in range(params.num_samples)]
+        generation = engine.generate(prompt_ids, **params.engine_kwargs())
         done: set[int] = set()
         for token_column, _mask_column in generation:
             if cancel.is_set():

@@ -15,8 +15,9 @@ import time
 from collections import deque
 from typing import Callable
 
+from nanochat.engine import SamplingParams
 from nanochat.server.errors import APIError
-from nanochat.server.generation import Outcome, SamplingParams, Step, run_generation
+from nanochat.server.generation import Outcome, Step, run_generation
 
 STREAM_INTERVAL = 0.02  # seconds between text hand-overs to a stream (50 per second is smooth to the eye)
 
