@@ -149,6 +149,7 @@ def start_run(run: Run) -> LoopState:
     """Resume (model, optimizers, RNG, loader, loop state) if asked, then compile, open wandb and the step log."""
     device = run.dist.device
     run.dtype = resolve_dtype(device.type, run.flags.dtype)
+    run.model.store_embeddings_in(run.dtype)  # before restore, so a resumed table loads straight into its dtype
     run.meta = {"flags": asdict(run.flags), **run.meta}
     run.log = TrainLog(run.checkpoint_dir, run.dist.is_master)
     state = LoopState()

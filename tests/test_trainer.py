@@ -5,20 +5,21 @@ Run as `torchrun ... -m tests.test_trainer --rows R --out D ...` this file is al
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from nanochat.checkpoint import complete_steps, create_model
+from nanochat.checkpoint import complete_steps, create_model, load_checkpoint
 from nanochat.common import DistInfo, UserError, init_distributed
 from nanochat.flags import TrainFlags, flag, parse_flags
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import Schedule, constant, warmup_warmdown
 from nanochat.trainer import (Eval, Run, TrainingDiverged, clip_gradients, grad_accum_steps, set_hyperparameters,
                               train)
-from tests.model_cases import tiny_config
+from tests.model_cases import SWITCH_CASES, tiny_config
 from tests.training_fixtures import (VOCAB_SIZE, make_mini_corpus, read_losses, read_real_docs, subprocess_env,
                                      token_rows, torchrun_cmd)
 
@@ -57,9 +58,10 @@ class WorkerFlags(TrainFlags):
     out: str = flag("", "checkpoint directory")
 
 
-def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=(), loss_fn=None):
+def run_training(flags: TrainFlags, rows: torch.Tensor, out, dist: DistInfo = CPU, evals=(), loss_fn=None,
+                 switches: dict | None = None):
     torch.manual_seed(flags.seed)
-    model = create_model(tiny_config(VOCAB_SIZE, max_seq_len=SEQ_LEN), dist.device)
+    model = create_model(tiny_config(VOCAB_SIZE, max_seq_len=SEQ_LEN, **(switches or {})), dist.device)
     optimizers = setup_optimizers(model)
     batches = RowBatches(rows, flags.device_batch_size, dist.rank, dist.world_size)
     accum = grad_accum_steps(flags.total_batch_size, flags.device_batch_size, SEQ_LEN, dist.world_size)
@@ -100,13 +102,15 @@ def preempt_at(step: int) -> Eval:
     return Eval("preempt", 1, maybe_stop)
 
 
-def test_exact_resume_single_process(rows, tmp_path):
-    straight_model, straight = run_training(flags_for(), rows, tmp_path / "straight")
+@pytest.mark.parametrize("case", ["default", "frontier"])
+def test_exact_resume_single_process(rows, tmp_path, case):
+    switches = SWITCH_CASES[case]
+    straight_model, straight = run_training(flags_for(), rows, tmp_path / "straight", switches=switches)
     # stop after step 11 (checkpoint at 10), like a preempted job, then resume
     with pytest.raises(Preempted):
-        run_training(flags_for(), rows, tmp_path / "resumed", evals=[preempt_at(11)])
+        run_training(flags_for(), rows, tmp_path / "resumed", evals=[preempt_at(11)], switches=switches)
     assert complete_steps(tmp_path / "resumed") == [5, 10]
-    resumed_model, resumed = run_training(flags_for(resume=True), rows, tmp_path / "resumed")
+    resumed_model, resumed = run_training(flags_for(resume=True), rows, tmp_path / "resumed", switches=switches)
     assert sorted(resumed.losses) == [11, 12, 13, 14, 15]
     assert [resumed.losses[s] for s in range(11, 16)] == [straight.losses[s] for s in range(11, 16)]
     for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
@@ -115,6 +119,17 @@ def test_exact_resume_single_process(rows, tmp_path):
     assert logged == straight.losses
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").open()]
     assert steps_logged == list(range(1, 16))
+
+
+def test_compute_dtype_embeddings_train_save_and_resume_in_bfloat16(rows, tmp_path):
+    switches = dict(compute_dtype_embeddings=True, value_embeds=True)
+    model, result = run_training(flags_for(dtype="bfloat16", num_iterations=6, save_every=3), rows,
+                                 tmp_path / "ckpt", switches=switches)
+    tables = [model.wte.weight, *(table.weight for table in model.value_embeds.values())]
+    assert {t.dtype for t in tables} == {torch.bfloat16} and model.lm_head.weight.dtype == torch.float32
+    saved = load_checkpoint(tmp_path / "ckpt", 6, "cpu", load_optimizer=False).model_state
+    assert saved["wte.weight"].dtype == torch.bfloat16 and saved["lm_head.weight"].dtype == torch.float32
+    assert all(math.isfinite(loss) for loss in result.losses.values()) and result.losses[6] < result.losses[1]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(rows, tmp_path):
