@@ -9,7 +9,7 @@ Architecture choices:
 - untied input embedding and lm_head by default (`tie_embeddings` optional)
 - logits soft-capped with `softcap · tanh(logits / softcap)` (Gemma 2), 15 by default
 - vocab padded to a multiple of 64 for matmul efficiency; padded ids are never predicted or returned
-- switches for imported Llama-family weights (nanochat/interop.py), all off by default: SwiGLU MLP, learnable
+- switches for imported Llama-family weights (nanochat/hf_import.py), all off by default: SwiGLU MLP, learnable
   RMSNorm weights, no QK-norm, no embedding norm; the default path does no extra work
 - frontier switches (karpathy/nanochat's 2026 record, many ideas from KellerJordan/modded-nanogpt), all off by
   default: value embeddings (ResFormer, arXiv 2410.17897) gated per head into V on alternating layers, the last
