@@ -216,12 +216,12 @@ def eager_compile(monkeypatch):
 
 def test_varying_row_lengths_compile_once_per_bucket_with_unchanged_losses(eager_compile, one_thread):  # noqa: F811
     from nanochat.compiled import BucketedCompile, bucket_length
-    from tests.training_fixtures import tiny_config
+    from tests.model_cases import tiny_config
 
     assert [bucket_length(n, 2048) for n in (1, 64, 65, 700, 2048)] == [64, 64, 128, 1024, 2048]
     assert bucket_length(100, 96) == 100 and bucket_length(90, 96) == 96
     torch.manual_seed(0)
-    model = create_model(tiny_config(64, seq_len=256), "cpu")
+    model = create_model(tiny_config(64, max_seq_len=256), "cpu")
     compiled = BucketedCompile(model)
     lengths = [10, 33, 47, 64, 70, 99, 130, 200, 256]
     for length in lengths:
