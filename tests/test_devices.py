@@ -252,6 +252,7 @@ def test_sft_with_compile_on_compiles_each_bucket_once(base_dir, shared_data, ea
 
 
 def test_rl_rollouts_sample_in_the_training_dtype(one_thread):  # noqa: F811
+    from nanochat.engine import SamplingParams
     from nanochat.rl import RolloutBatches
     from tasks.arithmetic import Arithmetic
     from tests.chat_fixtures import train_tiny_tokenizer
@@ -261,7 +262,7 @@ def test_rl_rollouts_sample_in_the_training_dtype(one_thread):  # noqa: F811
                                    vocab_size=tokenizer.vocab_size), "cpu")
     seen = set()
     model.lm_head.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
-    rollouts = RolloutBatches(model, tokenizer, Arithmetic(4), num_samples=2, max_new_tokens=4, temperature=1.0,
-                              top_k=None, device=torch.device("cpu"), dtype=torch.bfloat16)
+    sampling = SamplingParams(max_tokens=4, temperature=1.0, num_samples=2)
+    rollouts = RolloutBatches(model, tokenizer, Arithmetic(4), sampling, torch.device("cpu"), dtype=torch.bfloat16)
     next(rollouts)
     assert seen == {torch.bfloat16}
