@@ -98,8 +98,14 @@ def compiled_flex_attention():
 
 
 def flex(q, k, v, window: int | None, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    return compiled_flex_attention()(q, k, v, block_mask=block_mask(q.size(2), window, doc_ids, q.device),
-                                     enable_gqa=k.size(1) != q.size(1))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = k.size(1) != q.size(1)
+    if torch.compiler.is_compiling():  # inside a compiled model: the mask and the kernel are traced with it
+        mask = build_block_mask(q.size(2), window, doc_ids, q.device)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    mask = block_mask(q.size(2), window, doc_ids, q.device)
+    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 # The doc_ids tensor of the current forward and its block masks by window: every layer reuses them.
@@ -109,8 +115,6 @@ _doc_masks: dict = {"doc_ids": None, "masks": {}}
 def block_mask(seq_len: int, window: int | None, doc_ids: torch.Tensor | None, device):
     if doc_ids is None:
         return window_block_mask(seq_len, window, str(device))
-    if torch.compiler.is_compiling():
-        return build_block_mask(seq_len, window, doc_ids, device)  # traced once into the compiled graph
     if _doc_masks["doc_ids"] is not doc_ids:
         _doc_masks.update(doc_ids=doc_ids, masks={})
     masks = _doc_masks["masks"]

@@ -60,6 +60,7 @@ def test_expand_kv_matches_sdpa_gqa():
     assert torch.allclose(native, expanded, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window, doc_ids", [(5, None), (None, DOC_IDS), (3, DOC_IDS)])
 def test_flex_block_masks_match_the_spelled_out_mask(window, doc_ids):
     """The CUDA path (compiled FlexAttention, cached block masks), run forward-only on CPU where torch can."""
@@ -71,3 +72,13 @@ def test_flex_block_masks_match_the_spelled_out_mask(window, doc_ids):
         assert attention.block_mask(256, window, doc_ids, q.device) is attention.block_mask(256, window, doc_ids,
                                                                                            q.device)
         assert torch.allclose(out, reference(q, k, v, window, doc_ids), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_flex_traces_inside_a_compiled_model():
+    """A compiled model (the trainer compiles on CUDA) traces the block mask and FlexAttention into its graph."""
+    q, k, v = qkv(T=128, seed=2)
+    doc_ids = (torch.arange(128) // 40).expand(2, -1).contiguous()
+    compiled = torch.compile(lambda q, k, v, doc_ids: attention.flex(q, k, v, 9, doc_ids), dynamic=False)
+    with torch.no_grad():
+        assert torch.allclose(compiled(q, k, v, doc_ids), reference(q, k, v, 9, doc_ids), atol=1e-4)
