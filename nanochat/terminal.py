@@ -11,14 +11,16 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, resolve_dtype
 from nanochat.engine import Engine, SamplingParams, StreamDecoder, fit_prompt
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag
 
+T = TypeVar("T")
 GRAY, DIM, BOLD, RESET = "\x1b[90m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
@@ -69,6 +71,18 @@ def crop_to_context(tokens: list[int], max_seq_len: int, max_tokens: int) -> tup
     notice = (f"(the prompt is {len(tokens)} tokens; kept the first and the last {len(kept) - 1} to fit the "
               f"{max_seq_len}-token context)")
     return kept, notice
+
+
+def typed_inputs(read: Callable[[], T]) -> Iterator[T]:
+    """What the user types, one `read()` at a time: Ctrl-C at the prompt starts a fresh one, Ctrl-D ends."""
+    while True:
+        try:
+            yield read()
+        except KeyboardInterrupt:
+            print()
+        except EOFError:
+            print()
+            return
 
 
 def use_color(out: TextIO) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from nanochat.engine import Engine
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.terminal import (DIM, GRAY, TerminalFlags, crop_to_context, erase_rows, load_engine, paint,
-                               screen_rows, stream_completion)
+                               screen_rows, stream_completion, typed_inputs)
 
 TRIGGER = "###"
 FIRST_PROMPT, NEXT_PROMPT = "> ", ". "
@@ -54,15 +54,7 @@ def interactive(engine: Engine, flags: CompleteFlags) -> None:
     print(paint(f"Type a prompt and end it with {TRIGGER} to complete it. Ctrl-C stops a completion, "
                 "Ctrl-D quits.", DIM, sys.stdout))
     seed = flags.seed
-    while True:
-        try:
-            text, typed = read_prompt()
-        except KeyboardInterrupt:
-            print()
-            continue
-        except EOFError:
-            print()
-            return
+    for text, typed in typed_inputs(read_prompt):
         erase_rows(screen_rows(typed, len(FIRST_PROMPT)), sys.stdout)
         complete(engine, flags, text, seed, show_prompt=True)
         seed += 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from nanochat.engine import Engine, assistant_parts
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.terminal import (BOLD, DIM, TerminalFlags, crop_to_context, input_prompt, load_engine, paint,
-                               stream_completion)
+                               stream_completion, typed_inputs)
 
 HELP = ("/clear new conversation · /temperature X · /topk K (0 = off) · quit or exit to leave · "
         "Ctrl-C stops an answer")
@@ -62,15 +62,7 @@ def interactive(engine: Engine, flags: ChatFlags) -> None:
     print(paint(HELP, DIM, sys.stdout))
     messages: list[dict] = []
     seed = flags.seed
-    while True:
-        try:
-            text = input(input_prompt("You: ", BOLD))
-        except KeyboardInterrupt:
-            print()
-            continue
-        except EOFError:
-            print()
-            return
+    for text in typed_inputs(lambda: input(input_prompt("You: ", BOLD))):
         command = text.strip()
         if command in ("quit", "exit"):
             return
