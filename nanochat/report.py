@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import CHECKPOINT_DIRS
-from nanochat.common import UserError, atomic_path, atomic_write, get_base_dir, get_rank, git_commit
+from nanochat.common import UserError, atomic_path, atomic_write, get_base_dir, get_rank, get_world_size, git_commit
 from nanochat.flags import flag, parse_flags, run_main
 
 SOURCES = tuple(CHECKPOINT_DIRS)  # base, mid, sft, rl: the summary-table columns
@@ -86,8 +86,10 @@ def log_section(title: str, data=(), *, source: str | None = None, metrics: dict
     slug = slugify(title)
     body = render_data(data)
     atomic_write(directory / f"{slug}.md", f"## {title}\n\n{body}\n")
+    # every rank of a CUDA run holds one GPU, on whichever node: the cost counts them all, not this node's
+    gpus = get_world_size() if torch.cuda.is_initialized() else 0
     sidecar = {"title": title, "source": source, "metrics": metrics or {}, "wall_time_s": wall_time_s,
-               "logged_at": datetime.datetime.now().isoformat(timespec="microseconds")}
+               "gpus": gpus, "logged_at": datetime.datetime.now().isoformat(timespec="microseconds")}
     atomic_write(directory / f"{slug}.json", json.dumps(sidecar, indent=1))
     return directory / f"{slug}.md"
 
@@ -254,7 +256,8 @@ def generate(gpu_hourly_cost: float = 3.0, num_gpus: int | None = None, copy_to:
     """Assemble report/report.md (and copy it to `copy_to`, default the working dir); returns its path."""
     directory = report_dir()
     sections = [s for s in load_sections(directory) if s.get("title")]
-    num_gpus = num_gpus if num_gpus is not None else max(1, torch.cuda.device_count())
+    if num_gpus is None:  # the widest stage's GPUs across all nodes (all are rented for the whole run)
+        num_gpus = max([s.get("gpus") or 0 for s in sections] + [torch.cuda.device_count(), 1])
     plots = plot_curves(directory)
     started = directory / STARTED_FILE
     started_at = started.read_text().strip() if started.exists() else MISSING
@@ -283,7 +286,8 @@ def generate(gpu_hourly_cost: float = 3.0, num_gpus: int | None = None, copy_to:
 class ReportFlags:
     """python -m nanochat.report reset|generate [flags]"""
     gpu_hourly_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate")
-    num_gpus: int = flag(-1, "GPUs the run used, for the cost estimate; -1 = the GPUs visible now (min 1)")
+    num_gpus: int = flag(-1, "GPUs the run used, for the cost estimate; -1 = the most GPUs any stage ran on, "
+                             "across all nodes (at least the GPUs visible now, and 1)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,25 +61,27 @@ run_pipeline() {
     source scripts/stages.sh
     echo "pipeline: base dir $NANOCHAT_BASE_DIR; data $DATA_SOURCE; model $MODEL_TAG; $NNODES node(s) x $NPROC_PER_NODE process(es)"
 
-    stage report_reset python -m nanochat.report reset
+    setup_stage report_reset python -m nanochat.report reset
     local shard_pid=""
     if [ "$DATA_SOURCE" = demo ]; then
-        stage demo_data python -m nanochat.dataset --source demo --what all
+        setup_stage demo_data python -m nanochat.dataset --source demo --what all
     else
-        stage shards_first python -m nanochat.dataset -n "$FIRST_SHARDS"
-        if [ ! -f "$PIPELINE_MARKS/shards_all.done" ]; then
+        setup_stage shards_first python -m nanochat.dataset -n "$FIRST_SHARDS"
+        if [ ! -f "$PIPELINE_MARKS/shards_all.done" ] && [ "$NODE_RANK" = 0 ]; then
             python -m nanochat.dataset -n "$NUM_SHARDS" > "$NANOCHAT_BASE_DIR/shards_download.log" 2>&1 &
             shard_pid=$!
         fi
     fi
-    stage tok_train python -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS"
-    stage tok_eval python -m scripts.tok_eval
+    setup_stage tok_train python -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS"
+    setup_stage tok_eval python -m scripts.tok_eval
     if [ "$DATA_SOURCE" != demo ]; then
-        stage eval_bundle python -m scripts.base_eval --download_only
+        setup_stage eval_bundle python -m scripts.base_eval --download_only
     fi
     if [ -n "$shard_pid" ]; then
         echo "pipeline: waiting for the remaining shards (log: $NANOCHAT_BASE_DIR/shards_download.log)"
         stage shards_all wait "$shard_pid"
+    elif [ "$DATA_SOURCE" != demo ] && [ "$NODE_RANK" != 0 ]; then
+        setup_stage shards_all true
     fi
     if [ -n "${PRE_TRAIN_CHECK:-}" ]; then
         stage preflight "$PRE_TRAIN_CHECK"

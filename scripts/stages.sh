@@ -2,6 +2,9 @@
 # Stage runner shared by speedrun.sh, ittybitty.sh and demo.sh.
 #   stage NAME CMD...   runs CMD unless NAME finished before (a marker in $NANOCHAT_BASE_DIR/pipeline/);
 #                       a failure stops the whole script with the stage's name.
+#   setup_stage NAME CMD...  a stage that writes into the shared base dir (data, tokenizer, eval bundle): with
+#                       several nodes only node 0 (NODE_RANK 0) runs it; the others wait for its marker, so nodes
+#                       sharing one NANOCHAT_BASE_DIR never download or train a tokenizer into it at once.
 #   resume_flag TAG DIR prints --resume when DIR/TAG holds a complete checkpoint (not a step_N.tmp left by a
 #                       kill mid-save), so an interrupted run continues.
 
@@ -27,6 +30,21 @@ stage() {
     elapsed=$(( $(date +%s) - started ))
     echo "== [$name] done in ${elapsed}s (pipeline at $(( $(date +%s) - PIPELINE_START ))s)"
     touch "$PIPELINE_MARKS/$name.done"
+}
+
+setup_stage() {
+    local name="$1"
+    if [ "${NODE_RANK:-0}" = 0 ]; then
+        stage "$@"
+        return 0
+    fi
+    if [ ! -f "$PIPELINE_MARKS/$name.done" ]; then
+        echo "== [$name] waiting for node 0 to finish it in the shared $NANOCHAT_BASE_DIR"
+        while [ ! -f "$PIPELINE_MARKS/$name.done" ]; do
+            sleep "${PIPELINE_POLL_S:-5}"
+        done
+    fi
+    echo "== [$name] done by node 0"
 }
 
 resume_flag() {

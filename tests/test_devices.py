@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 
 import pytest
 import torch
@@ -266,3 +267,39 @@ def test_rl_rollouts_sample_in_the_training_dtype(one_thread):  # noqa: F811
     rollouts = RolloutBatches(model, tokenizer, Arithmetic(4), sampling, torch.device("cpu"), dtype=torch.bfloat16)
     next(rollouts)
     assert seen == {torch.bfloat16}
+
+
+def test_report_cost_counts_the_gpus_of_every_node(base_dir, monkeypatch):
+    """Two 8-GPU nodes: a stage's sidecar records 16 ranks; generate() on a node that sees 8 charges for 16."""
+    from nanochat import report
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(report, "get_world_size", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    report.reset()
+    report.log_section("Base model training", {"steps": 1}, source="base", wall_time_s=3600)
+    assert json.loads((base_dir / "report" / "base-model-training.json").read_text())["gpus"] == 16
+    text = report.generate(gpu_hourly_cost=2.0, copy_to=base_dir).read_text()
+    assert "Estimated cost: $32.00 (16 GPU(s) × $2/GPU-hour × 1.00 h)" in text
+
+
+def run_stages(base_dir, body: str, **env: str) -> subprocess.Popen:
+    from tests.training_fixtures import REPO
+
+    return subprocess.Popen(["bash", "-c", f"set -euo pipefail; source scripts/stages.sh; {body}"], cwd=REPO,
+                            env={**subprocess_env(base_dir), "PIPELINE_POLL_S": "0.1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_setup_stages_run_on_node_0_only_and_other_nodes_wait_for_them(tmp_path):
+    """Nodes sharing one base dir: node 1 never runs a set-up stage (a second tokenizer training or download
+    into the same files); it waits for node 0's marker, then goes on."""
+    waiting = run_stages(tmp_path, "setup_stage tok_train echo trained-on-node-1; echo node-1-goes-on", NODE_RANK="1")
+    time.sleep(1.0)
+    assert waiting.poll() is None  # still waiting
+    node0 = run_stages(tmp_path, "setup_stage tok_train echo trained-on-node-0", NODE_RANK="0")
+    assert node0.communicate(timeout=60)[0].count("trained-on-node-0") == 2  # the stage line and its output
+    out = waiting.communicate(timeout=60)[0]
+    assert waiting.returncode == 0
+    assert "waiting for node 0" in out and "node-1-goes-on" in out and "trained-on-node-1" not in out
