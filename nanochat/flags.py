@@ -22,7 +22,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 
@@ -116,9 +116,26 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
+def recipe_defaults(cls: type, argv: list[str] | None) -> dict[str, Any]:
+    """The table of the `--recipe` in argv (else the class's default recipe), for a class with a `recipe` field,
+    limited to the class's own fields; {} for other classes."""
+    from nanochat.recipes import RECIPES
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "recipe" not in fields:
+        return {}
+    pre = OneLineParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe", default=fields["recipe"].default, choices=tuple(RECIPES))
+    name = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].recipe
+    return {"recipe": name, **{key: value for key, value in RECIPES[name].items() if key in fields}}
+
+
 def parse_flags(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """Parse argv into the dataclass; its `__post_init__` validates and raises UserError."""
-    namespace = build_parser(cls, description).parse_args(argv)
+    """Parse argv into the dataclass; its `__post_init__` validates and raises UserError. A `--recipe`'s table
+    becomes the parser's defaults first, so --help shows the effective values and explicit flags win."""
+    parser = build_parser(cls, description)
+    parser.set_defaults(**recipe_defaults(cls, argv))
+    namespace = parser.parse_args(argv)
     return cls(**vars(namespace))
 
 
@@ -179,11 +196,14 @@ class TrainFlags(RuntimeFlags):
     compile: bool | None = flag(None, "torch.compile the model; none = auto (on for cuda)")
     grad_clip: float = flag(0.0, "clip the global gradient norm to this before each update; 0 = off")
     seed: int = flag(42, "random seed for init and data order")
+    auto_total_batch: ClassVar[bool] = False  # whether the stage derives --total_batch_size -1 itself
 
     def __post_init__(self):
-        for name in ("device_batch_size", "total_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.device_batch_size < 1:
+            raise UserError(f"--device_batch_size must be >= 1, got {self.device_batch_size}")
+        if self.total_batch_size < 1 and not (self.total_batch_size == -1 and self.auto_total_batch):
+            auto = " or -1 (auto)" if self.auto_total_batch else ""
+            raise UserError(f"--total_batch_size must be >= 1{auto}, got {self.total_batch_size}")
         if self.keep_last == 0 or self.keep_last < -1:
             raise UserError(f"--keep_last must be >= 1 or -1 (keep all), got {self.keep_last}")
         if self.save_every == 0 or self.save_every < -1:

@@ -44,7 +44,7 @@ def muon_momentum(start: float = 0.85, peak: float = 0.95, warmup_steps: int = 3
     warmdown_start = num_iterations - warmdown_steps
 
     def momentum(step: int) -> float:
-        if warmdown_steps and step >= warmdown_start:
+        if warmdown_steps and step >= warmdown_start and step >= warmup_steps:  # the warm-up finishes first
             progress = (step - warmdown_start) / warmdown_steps
             return peak * (1 - progress) + final * progress
         frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
@@ -70,3 +70,21 @@ class Schedule:
     lr: StepFn
     muon_momentum: StepFn = field(default_factory=muon_momentum)
     weight_decay: StepFn = field(default_factory=constant)
+
+
+REFERENCE_BATCH = 2 ** 19  # tokens; the batch nanochat 2026 measured best at d12, the reference width
+
+
+def auto_batch_size(tokens: float, reference_tokens: float, reference_batch: int = REFERENCE_BATCH) -> int:
+    """The batch for a run of `tokens`, from the reference run's best batch: B ∝ D^0.383 (Power Lines,
+    arXiv:2505.13738), rounded to a power of two."""
+    return 2 ** round(math.log2(reference_batch * (tokens / reference_tokens) ** 0.383))
+
+
+def batch_scaling(batch: int, tokens: float, reference_tokens: float,
+                  reference_batch: int = REFERENCE_BATCH) -> tuple[float, float]:
+    """(LR factor, weight-decay factor) for `batch` tokens per step over a run of `tokens`: LR ∝ sqrt(B/B_ref)
+    (the AdamW rule, used for Muon too), and decay chosen to keep B/(η·λ·D) constant (arXiv:2405.13698), which
+    with that LR rule gives λ ∝ sqrt(B/B_ref) · D_ref/D."""
+    ratio = batch / reference_batch
+    return ratio ** 0.5, ratio ** 0.5 * reference_tokens / tokens

@@ -23,6 +23,8 @@ from nanochat.common import (DistInfo, UserError, atomic_write, autocast_context
                              print0, resolve_dtype)
 from nanochat.compiled import BucketedCompile
 from nanochat.flags import TrainFlags
+from nanochat.fp8 import fp8_disabled
+from nanochat.recipes import recipe_mismatch
 from nanochat.schedules import Schedule
 
 LOSS_EMA_BETA = 0.9
@@ -155,7 +157,7 @@ def start_run(run: Run) -> LoopState:
     state = LoopState()
     start = resume_step(run.flags, run.checkpoint_dir)
     if start is not None:
-        state = restore(run.model, run.optimizers, run.batches, run.checkpoint_dir, start, run.dist)
+        state = restore(run, start)
         run.log.truncate_after(start)
         run.resumed = True
     run.start_step = state.step
@@ -170,10 +172,17 @@ def start_run(run: Run) -> LoopState:
     return state
 
 
-def restore(model, optimizers, batches, checkpoint_dir: Path, step: int, dist: DistInfo) -> LoopState:
+def restore(run: Run, step: int) -> LoopState:
+    """Model, optimizers, RNG, loader and loop state from `step`'s checkpoint, refusing one trained under other
+    recipe-controlled flags (it would silently continue as a different run)."""
+    model, optimizers, batches, checkpoint_dir, dist = run.model, run.optimizers, run.batches, run.checkpoint_dir, \
+        run.dist
     if dist.is_master:
         remove_partial(checkpoint_dir)
     ckpt = load_checkpoint(checkpoint_dir, step, dist.device, rank=dist.rank)
+    mismatch = recipe_mismatch(ckpt.meta.get("flags", {}), run.meta["flags"])
+    if mismatch:
+        raise UserError(mismatch)
     load_model_state(model, ckpt.model_state)
     if len(ckpt.optimizer_states) != len(optimizers):
         raise UserError(f"checkpoint has {len(ckpt.optimizer_states)} optimizers, this stage builds {len(optimizers)}")
@@ -196,12 +205,12 @@ def save(run: Run, state: LoopState) -> Path:
 
 @contextmanager
 def eval_context(run: Run):
-    """How every eval runs: eval mode, no grad, the training RNG untouched (or resume would diverge), and the
-    run's autocast dtype."""
+    """How every eval runs: eval mode, no grad, the training RNG untouched (or resume would diverge), the run's
+    autocast dtype, and fp8 off (evals measure in bf16, comparable across runs)."""
     rng = capture_rng_state()
     run.model.eval()
     try:
-        with torch.no_grad(), run.autocast():
+        with torch.no_grad(), run.autocast(), fp8_disabled(run.model):
             yield
     finally:
         run.model.train()

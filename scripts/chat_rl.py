@@ -17,8 +17,9 @@ from nanochat.chat_stage import StageFlags, stage_optimizers, start_stage
 from nanochat.common import UserError, cleanup_distributed, print0, resolve_dtype
 from nanochat.engine import SamplingParams
 from nanochat.flags import flag, parse_flags, run_main
+from nanochat.optim import training_schedule
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
-from nanochat.schedules import Schedule, warmup_warmdown
+from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         return {**metrics, "train_reward": batches.mean_reward}
 
     result = train(model, stage_optimizers(model, flags), batches,
-                   schedule=Schedule(lr=warmup_warmdown(num_iterations, 0, 1.0, 0.0)), flags=flags,
+                   schedule=training_schedule(flags, num_iterations, warmup_warmdown(num_iterations, 0, 1.0, 0.0)),
+                   flags=flags,
                    checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations, grad_accum_steps=accum,
                    evals=[Eval("pass@k", flags.eval_every, evaluate)],
                    meta={"source": flags.source, "source_step": stage.source_meta["step"], "task": flags.task},

@@ -21,7 +21,8 @@ from nanochat.chat_stage import (SYNTHETIC, ChatTrainFlags, chat_mixture, chat_v
 from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.engine import Engine, SamplingParams
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.schedules import Schedule, warmup_warmdown
+from nanochat.optim import training_schedule
+from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         return metrics
 
     result = train(model, stage_optimizers(model, flags), batches,
-                   schedule=Schedule(lr=warmup_warmdown(num_iterations, 0, 1.0, 0.0)),
+                   schedule=training_schedule(flags, num_iterations, warmup_warmdown(num_iterations, 0, 1.0, 0.0)),
                    flags=flags, checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations,
                    grad_accum_steps=accum,
                    evals=[Eval("val", flags.eval_every, val_loss), Eval("chat", flags.chat_eval_every, accuracies)],

@@ -19,7 +19,8 @@ from nanochat.chat_stage import (ChatTrainFlags, chat_mixture, chat_val_loss, re
                                  start_stage)
 from nanochat.common import UserError, cleanup_distributed, print0
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.schedules import Schedule, warmup_warmdown
+from nanochat.optim import training_schedule
+from nanochat.schedules import warmup_warmdown
 from nanochat.trainer import Eval, grad_accum_steps, train
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = chat_val_loss(stage, flags, val_task, PackedChatBatches)
 
     result = train(model, stage_optimizers(model, flags), batches,
-                   schedule=Schedule(lr=warmup_warmdown(num_iterations, 0, flags.warmdown_ratio, 0.0)),
+                   schedule=training_schedule(flags, num_iterations,
+                                              warmup_warmdown(num_iterations, 0, flags.warmdown_ratio, 0.0)),
                    flags=flags, checkpoint_dir=stage.out_dir, dist=dist, num_iterations=num_iterations,
                    grad_accum_steps=accum, evals=[Eval("val", flags.eval_every, val_loss)],
                    meta={"source": flags.source, "source_step": stage.source_meta["step"]},

@@ -2,21 +2,26 @@
 (standalone and two "nodes" on 127.0.0.1), kill -9 mid-save, and one-line errors for bad flags."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model
+from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model, meta_model
 from nanochat.common import UserError
 from nanochat.flags import parse_flags
-from scripts.base_train import BaseTrainFlags, main, resolve_num_iterations
+from nanochat.gpt import model_config
+from nanochat.recipes import FRONTIER, RECIPES
+from scripts.base_train import BaseTrainFlags, batch_plan, main, ratio_param_count, resolve_num_iterations
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, read_losses, subprocess_env, torchrun_cmd
 
 RUN_ARGS = [*TINY_MODEL_ARGS, "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=256",
@@ -157,3 +162,72 @@ def test_two_process_resume_is_exact_and_two_nodes_run(base):
     resumed = read_losses(tag_dir(base, "dist") / "train_log.jsonl")
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
     assert "resumed from" in outputs[0]
+
+
+def test_every_recipe_key_is_a_real_flag():
+    fields = {f.name for f in dataclasses.fields(BaseTrainFlags)}
+    for name, table in RECIPES.items():
+        assert set(table) <= fields, (name, set(table) - fields)
+    assert RECIPES["2025"] == {}  # the dataclass defaults are the 2025 recipe
+
+
+def test_recipe_sets_defaults_and_explicit_flags_win(capsys):
+    plain = parse_flags(BaseTrainFlags, list(RUN_ARGS))
+    assert plain.recipe == "2025" and plain.embedding_lr == 0.2 and plain.muon_orthogonalizer == "newton_schulz"
+    frontier = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe", "frontier", "--embedding_lr=0.25"])
+    assert frontier.recipe == "frontier" and frontier.embedding_lr == 0.25
+    explicit = {"embedding_lr", "total_batch_size"}  # RUN_ARGS sets the batch
+    assert all(getattr(frontier, key) == value for key, value in FRONTIER.items() if key not in explicit)
+    with pytest.raises(SystemExit):
+        parse_flags(BaseTrainFlags, ["--recipe=frontier", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(nanochat/recipes.py); explicit flags win (default: frontier)" in help_text
+    assert "--init_lr_frac) (default: 0.3)" in help_text and "(default: polar_express)" in help_text
+
+
+def test_unknown_recipe_is_one_line(base):
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", "--recipe=2030"], capture_output=True,
+                            text=True, env=subprocess_env(base), timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid choice: '2030'" in result.stderr
+
+
+def test_fp8_off_an_h100_is_refused_in_one_line(base):
+    with pytest.raises(UserError, match="--fp8 needs an H100-class CUDA GPU; this run is on cpu"):
+        main([*RUN_ARGS, "--num_iterations=1", "--fp8", "--device_type=cpu"])
+
+
+@pytest.mark.parametrize("recipe", ["2025", "frontier"])
+def test_resume_is_bit_exact_under_each_recipe(base, recipe):
+    args = [*RUN_ARGS, f"--recipe={recipe}", f"--model_tag=exact_{recipe}", "--num_iterations=6", "--save_every=3",
+            "--keep_last=-1", "--eval_every=-1"]
+    main(args)
+    straight = read_losses(tag_dir(base, f"exact_{recipe}") / "train_log.jsonl")
+    main([*args, "--resume_from_step=3"])
+    resumed = read_losses(tag_dir(base, f"exact_{recipe}") / "train_log.jsonl")
+    assert sorted(resumed) == list(range(1, 7)) and resumed == straight
+    meta = json.loads((tag_dir(base, f"exact_{recipe}") / "step_000006" / "meta.json").read_text())
+    assert meta["flags"]["recipe"] == recipe and meta["total_batch_size"] == 256
+
+
+def test_resume_refuses_another_recipe(base):
+    args = [*RUN_ARGS, "--model_tag=switch", "--num_iterations=2", "--eval_every=-1"]
+    main(args)
+    with pytest.raises(UserError, match=r"^the checkpoint was trained with --recipe 2025 .* this run has frontier; "
+                                        r"pass --recipe 2025"):
+        main([*args, "--num_iterations=4", "--resume", "--recipe=frontier"])
+    with pytest.raises(UserError, match=r"^the checkpoint was trained with --matrix_lr 0.02 .*this run has 0.03"):
+        main([*args, "--num_iterations=4", "--resume", "--matrix_lr=0.03"])
+
+
+def test_auto_batch_follows_the_horizon(base, capsys):
+    flags = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe=frontier", "--total_batch_size=-1"])
+    model = meta_model(model_config(flags, 320))
+    total, lr_scale, decay = batch_plan(flags, model, 320)
+    d12 = meta_model(model_config(replace(flags, depth=12, model_dim=-1, num_heads=-1, num_kv_heads=-1), 320))
+    ratio = ratio_param_count(flags, model) / ratio_param_count(flags, d12)
+    assert total == 2 ** round(19 + 0.383 * math.log2(ratio))
+    assert lr_scale == pytest.approx((total / 2 ** 19) ** 0.5)
+    assert decay == pytest.approx(0.28 * (total / 2 ** 19) ** 0.5 / ratio)
+    explicit = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe=frontier"])  # RUN_ARGS has 256: it wins
+    assert batch_plan(explicit, model, 320)[0] == 256
+    assert batch_plan(parse_flags(BaseTrainFlags, list(RUN_ARGS)), model, 320) == (256, 1.0, 0.0)
