@@ -303,3 +303,11 @@ def test_setup_stages_run_on_node_0_only_and_other_nodes_wait_for_them(tmp_path)
     out = waiting.communicate(timeout=60)[0]
     assert waiting.returncode == 0
     assert "waiting for node 0" in out and "node-1-goes-on" in out and "trained-on-node-1" not in out
+
+
+def test_chat_web_on_mps_serves_with_one_worker(capsys):
+    from nanochat.server.loading import worker_devices
+
+    assert worker_devices("mps", 4) == ["mps"]
+    assert "one worker" in capsys.readouterr().out
+    assert worker_devices("cpu", 3) == ["cpu"] * 3

@@ -1,5 +1,6 @@
 """Loading a checkpoint into server workers: one model replica per GPU on cuda; on cpu/mps the workers share
-one model (its weights are read-only during generation, and each request has its own KV cache)."""
+one model (its weights are read-only during generation, and each request has its own KV cache), except on
+mps, which serves with one worker."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import os
 import torch
 
 from nanochat.checkpoint import complete_steps, load_model, newest_tag, source_dir
-from nanochat.common import UserError
+from nanochat.common import UserError, print0
 from nanochat.engine import Engine
 from nanochat.server.app import LoadedModel
 from nanochat.server.workers import Worker
@@ -21,6 +22,10 @@ def worker_devices(device_type: str, num_workers: int) -> list[str]:
         if num_workers > available:
             raise UserError(f"--num_gpus {num_workers} but torch sees {available} GPU(s); use --num_gpus {available}")
         return [f"cuda:{i}" for i in range(num_workers)]
+    if device_type == "mps" and num_workers > 1:
+        # several threads generating on one MPS device crash torch; requests queue for the one worker instead
+        print0(f"note: --num_gpus {num_workers} on mps serves with one worker (MPS is one device)")
+        return ["mps"]
     return [device_type] * num_workers
 
 
