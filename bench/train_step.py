@@ -30,7 +30,7 @@ import torch
 from nanochat.checkpoint import create_model, meta_model
 from nanochat.common import DistInfo, UserError
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
-from nanochat.gpt import GPTConfig, ModelFlags, model_config
+from nanochat.model_config import GPTConfig, ModelFlags, model_config
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import Schedule, constant
 from nanochat.trainer import train

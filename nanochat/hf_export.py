@@ -32,7 +32,8 @@ from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.common import UserError, atomic_path, atomic_write, fsync_dir
 from nanochat.encoding import BYTE_TO_CHAR
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
+from nanochat.model_config import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # The chat template: renders exactly like Tokenizer.render_conversation (system folded into the first user turn

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, build_model, checkpoint_dir, complete_steps, save_checkpoint
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.gpt import GPTConfig
+from nanochat.model_config import GPTConfig
 from nanochat.encoding import RANKS_FILE, SPECIAL_TOKENS, HFEncoding, hf_vocab_size, is_hf_encoding_dir
 from nanochat.hf_export import flip_rotary_halves
 from nanochat.tokenizer import Tokenizer

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.checkpoint import meta_model
-from nanochat.gpt import GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
+from nanochat.gpt import GPT, LOSS_CHUNK_ELEMENTS
+from nanochat.model_config import GPTConfig
 from nanochat.optim import AdamW, Muon, setup_optimizers
 
 FP32 = 4

@@ -19,7 +19,7 @@ from nanochat.common import (UserError, autodetect_device_type, broadcast_parame
 from nanochat.dataloader import PACKINGS, PretrainLoader, describe_stats
 from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
-from nanochat.gpt import ModelFlags, model_config
+from nanochat.model_config import ModelFlags, model_config
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.fp8 import enable_fp8
 from nanochat.optim import OptimFlags, setup_optimizers, training_schedule

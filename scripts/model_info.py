@@ -16,7 +16,7 @@ import torch
 from nanochat.checkpoint import meta_model
 from nanochat.common import UserError, autodetect_device_type, get_base_dir
 from nanochat.flags import flag, parse_flags, run_main
-from nanochat.gpt import ModelFlags, model_config
+from nanochat.model_config import ModelFlags, model_config
 from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory
 
 DEFAULT_VOCAB = 65536

@@ -2,7 +2,7 @@
 and export tests all run over. A new switch adds one entry here."""
 from __future__ import annotations
 
-from nanochat.gpt import GPTConfig
+from nanochat.model_config import GPTConfig
 
 # every frontier switch at once, on a GQA model with a window short enough to matter at max_seq_len 32
 FRONTIER = dict(depth=4, head_dim=8, num_kv_heads=2, value_embeds=True, window_pattern="SSSL", short_window=5,

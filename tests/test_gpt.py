@@ -7,7 +7,8 @@ import torch
 import nanochat.gpt as gpt_module
 from nanochat.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig, ModelFlags, model_config
+from nanochat.gpt import GPT
+from nanochat.model_config import GPTConfig, ModelFlags, model_config
 from tests.engine_helpers import perturb_projections
 from tests.model_cases import SWITCH_CASES, tiny_config
 

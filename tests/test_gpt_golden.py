@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
+from nanochat.model_config import GPTConfig
 from tests.engine_helpers import perturb_projections
 
 REPO = Path(__file__).resolve().parents[1]
