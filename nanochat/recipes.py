@@ -11,7 +11,7 @@ DEFAULT_RECIPE = "2025"
 
 # nanochat 2026 (karpathy/nanochat master, dev/LOG.md and dev/LEADERBOARD.md; many ideas from modded-nanogpt)
 FRONTIER = {
-    # architecture (nanochat.gpt.ModelFlags)
+    # architecture (nanochat.model_config.ModelFlags)
     "value_embeds": True,
     "window_pattern": "SSSL",
     "residual_scalars": True,

@@ -19,7 +19,7 @@ import torch
 from nanochat.checkpoint import PAUSE_ENV, complete_steps, load_model, meta_model
 from nanochat.common import UserError
 from nanochat.flags import parse_flags
-from nanochat.gpt import model_config
+from nanochat.model_config import model_config
 from nanochat.recipes import FRONTIER, RECIPES
 from scripts.base_train import BaseTrainFlags, batch_plan, main, ratio_param_count, resolve_num_iterations
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, read_losses, subprocess_env, torchrun_cmd
