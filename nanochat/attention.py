@@ -10,10 +10,11 @@ Which kernel runs:
 - plain causal attention, and decode steps (a window just drops the keys it cannot see): SDPA, whose flash
   kernels run on CUDA and on CPU.
 - Flash-Attention 3 (`flash_attn_interface`) when importable, on CUDA in bf16/fp16, plain or windowed, Tq == Tk.
-- a window or documents on CUDA: FlexAttention, compiled, with a block mask built once per shape (windows) or
-  once per doc_ids tensor (shared by every layer of one forward), so no dense T×T mask exists.
+- a window or documents when training on CUDA: FlexAttention, compiled, with a block mask built once per shape
+  (windows) or once per doc_ids tensor (shared by every layer of one forward), so no dense T×T mask exists.
 - a window or documents elsewhere: SDPA with a boolean mask. FlexAttention has no backward on CPU (torch 2.13),
-  and SDPA's CPU flash kernel takes the mask without materialising the B·H·T² scores.
+  and SDPA's CPU flash kernel takes the mask without materialising the B·H·T² scores; at inference every new
+  prompt length would recompile FlexAttention, while SDPA's memory-efficient CUDA kernel takes the mask as is.
 GQA: SDPA gets `enable_gqa` where its fused kernels accept it (CPU; CUDA in half precision without a mask);
 otherwise k/v are expanded to every query head so SDPA does not fall back to its B·H·T² math kernel.
 """
@@ -45,7 +46,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | N
         return flash3(q, k, v, window)
     if window is None and doc_ids is None:
         return sdpa(q, k, v, None if q_len == k_len else causal_mask(q_len, k_len, None, None, q.device))
-    if q.is_cuda and q_len == k_len:
+    if q.is_cuda and q_len == k_len and torch.is_grad_enabled():
         return flex(q, k, v, window, doc_ids)
     return sdpa(q, k, v, causal_mask(q_len, k_len, window, doc_ids, q.device))
 
