@@ -12,6 +12,16 @@ Attention is assumed to run a flash kernel (no T×T matrix), as SDPA does on GPU
 Frontier switches add per token: the value-embedding lookup and the gated V on each value-embedding layer, the
 scaled residual per block (residual scalars), and one residual-sized tensor each for smear and backout.
 With compute_dtype_embeddings under autocast the embedding tables, their grads and AdamW state are bf16.
+
+A CUDA device needs more than the tensors: `MemoryEstimate.device_total` adds what the allocator and the
+runtime take on top (figures for an H100 with CUDA 12, the largest we know of; a smaller card takes less):
+- the optimizer step's transient buffers (three copies of the largest Muon matrix for the update and
+  Newton-Schulz, plus an fp32 copy of the matrix gradients in flight in reduce-scatter/all-gather when
+  distributed), counted against the activations they never coexist with;
+- the caching allocator's reserve above the allocated peak (fragmentation): a stated 10% margin;
+- the cuBLAS/cuBLASLt workspaces (64 MiB), NCCL's channel buffers when distributed (512 MiB on an 8-GPU
+  NVLink node), and the CUDA context with torch's kernels (600 MiB), which no allocator statistic shows.
+`scripts.model_info --measure` prints the allocator's peak reserved memory next to these.
 """
 from __future__ import annotations
 
@@ -25,6 +35,11 @@ from nanochat.model_config import GPTConfig
 from nanochat.optim import AdamW, Muon, setup_optimizers
 
 FP32 = 4
+MIB = 2**20
+ALLOCATOR_MARGIN = 0.10
+CUBLAS_WORKSPACE = 64 * MIB
+NCCL_BUFFERS = 512 * MIB
+CUDA_CONTEXT = 600 * MIB
 
 
 @dataclass
@@ -33,10 +48,24 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
+    optimizer_transient: int = 0
+    nccl: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        """Peak bytes of tensors (torch.cuda.max_memory_allocated): the step's activations, or later the
+        optimizer's transient buffers, on top of weights, grads and optimizer state."""
+        return self.weights + self.grads + self.optimizer + max(self.activations, self.optimizer_transient)
+
+    @property
+    def reserved(self) -> int:
+        """What the caching allocator holds at that peak (torch.cuda.max_memory_reserved)."""
+        return int(self.total * (1 + ALLOCATOR_MARGIN)) + CUBLAS_WORKSPACE
+
+    @property
+    def device_total(self) -> int:
+        """Everything this process takes on a CUDA device (nvidia-smi's figure)."""
+        return self.reserved + self.nccl + CUDA_CONTEXT
 
 
 def optimizer_state_elements(model: GPT) -> int:
@@ -98,17 +127,29 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, seq_len: int | No
     # ZeRO-2 AdamW and owner-only Muon state split the optimizer state across ranks
     optimizer = (FP32 * optimizer_state_elements(model) - 2 * narrow) // world_size
     return MemoryEstimate(weights=FP32 * params - narrow, grads=FP32 * params - narrow, optimizer=optimizer,
-                          activations=int(activations))
+                          activations=int(activations), optimizer_transient=optimizer_transient_bytes(model, world_size),
+                          nccl=NCCL_BUFFERS if world_size > 1 else 0)
+
+
+def optimizer_transient_bytes(model: GPT, world_size: int) -> int:
+    """Buffers the optimizer step allocates and frees: three fp32 copies of the largest Muon matrix (momentum
+    update, Newton-Schulz iterate and Gram products) and, distributed, the matrix gradients in flight."""
+    matrices = [p for opt in setup_optimizers(model) if isinstance(opt, Muon)
+                for group in opt.param_groups for p in group["params"]]
+    if not matrices:
+        return 0
+    in_flight = sum(p.numel() for p in matrices) if world_size > 1 else 0
+    return FP32 * (3 * max(p.numel() for p in matrices) + in_flight)
 
 
 def largest_batch(config: GPTConfig, budget_bytes: float, seq_len: int | None = None, **kwargs) -> int:
-    """The largest device batch whose estimate fits `budget_bytes` (0 when even one row does not)."""
+    """The largest device batch whose whole-device estimate fits `budget_bytes` (0 when even one row does not)."""
     low, high = 0, 1
-    while estimate_memory(config, high, seq_len, **kwargs).total <= budget_bytes and high < 1 << 16:
+    while estimate_memory(config, high, seq_len, **kwargs).device_total <= budget_bytes and high < 1 << 16:
         low, high = high, high * 2
     while high - low > 1:
         mid = (low + high) // 2
-        if estimate_memory(config, mid, seq_len, **kwargs).total <= budget_bytes:
+        if estimate_memory(config, mid, seq_len, **kwargs).device_total <= budget_bytes:
             low = mid
         else:
             high = mid

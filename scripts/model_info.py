@@ -17,7 +17,7 @@ from nanochat.checkpoint import meta_model
 from nanochat.common import UserError, autodetect_device_type, get_base_dir
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.model_config import ModelFlags, model_config
-from nanochat.sizing import estimate_memory, largest_batch, measure_peak_memory
+from nanochat.sizing import ALLOCATOR_MARGIN, CUDA_CONTEXT, estimate_memory, largest_batch, measure_peak_memory
 
 DEFAULT_VOCAB = 65536
 GIB = 2**30
@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         est = estimate_memory(config, flags.device_batch_size, activation_checkpointing=checkpointing, **settings)
         label = "with activation checkpointing" if checkpointing else "without activation checkpointing"
         print(f"  {label}: {gib(est.total)} = weights {gib(est.weights)} + grads {gib(est.grads)} + "
-              f"optimizer {gib(est.optimizer)} + activations {gib(est.activations)}")
+              f"optimizer {gib(est.optimizer)} + max(activations {gib(est.activations)}, optimizer step "
+              f"{gib(est.optimizer_transient)})")
+        print(f"    on a CUDA device: {gib(est.device_total)} = {gib(est.reserved)} reserved (+{ALLOCATOR_MARGIN:.0%} "
+              f"allocator margin, cuBLAS workspace) + NCCL {gib(est.nccl)} + CUDA context {gib(CUDA_CONTEXT)}")
     settings["activation_checkpointing"] = flags.activation_checkpointing
     if flags.vram_gb != -1:
         fits = largest_batch(config, flags.vram_gb * GIB, **settings)
@@ -105,13 +108,16 @@ def main(argv: list[str] | None = None) -> None:
                                    activation_checkpointing=flags.activation_checkpointing).total
         print(f"measured peak on {device.type}: {gib(measured)} (estimate {gib(estimate)}, "
               f"ratio {estimate / measured:.2f})")
+        if device.type == "cuda":
+            print(f"measured peak reserved: {gib(torch.cuda.max_memory_reserved(device))}")
 
 
 def check_free_vram(config, flags: ModelInfoFlags, settings: dict) -> None:
     if not torch.cuda.is_available():
         raise UserError("--check_free_vram needs a CUDA GPU; use --vram_gb to size for one")
     free, _ = torch.cuda.mem_get_info()
-    need = estimate_memory(config, flags.device_batch_size, **settings).total
+    # free memory is counted after this process's CUDA context exists
+    need = estimate_memory(config, flags.device_batch_size, **settings).device_total - CUDA_CONTEXT
     if need > free:
         fits = largest_batch(config, free, **settings)
         hint = f"lower --device_batch_size to {fits}" if fits else "lower --depth or --max_seq_len"

@@ -311,3 +311,23 @@ def test_chat_web_on_mps_serves_with_one_worker(capsys):
     assert worker_devices("mps", 4) == ["mps"]
     assert "one worker" in capsys.readouterr().out
     assert worker_devices("cpu", 3) == ["cpu"] * 3
+
+
+def test_memory_estimate_adds_what_the_cuda_runtime_takes():
+    """model_info sizes the whole device: allocator margin, cuBLAS workspace, CUDA context, NCCL when
+    distributed, and the optimizer step's buffers (which never coexist with the activations)."""
+    from nanochat.sizing import ALLOCATOR_MARGIN, CUBLAS_WORKSPACE, CUDA_CONTEXT, NCCL_BUFFERS, estimate_memory
+    from tests.model_cases import tiny_config
+
+    config = tiny_config(65536, depth=12, model_dim=768, head_dim=128, max_seq_len=2048)
+    one = estimate_memory(config, 16, autocast=True)
+    assert one.total == one.weights + one.grads + one.optimizer + one.activations  # activations dominate
+    assert one.reserved == int(one.total * (1 + ALLOCATOR_MARGIN)) + CUBLAS_WORKSPACE
+    assert one.device_total == one.reserved + CUDA_CONTEXT and one.nccl == 0
+    eight = estimate_memory(config, 16, autocast=True, world_size=8)
+    assert eight.nccl == NCCL_BUFFERS and eight.device_total == eight.reserved + NCCL_BUFFERS + CUDA_CONTEXT
+    largest_matrix = 4 * config.model_dim * config.model_dim  # the MLP's c_fc / c_proj
+    assert one.optimizer_transient == 4 * 3 * largest_matrix
+    assert eight.optimizer_transient > one.optimizer_transient  # plus the gradients in flight
+    tiny = estimate_memory(config, 1, seq_len=1, autocast=True)
+    assert tiny.total == tiny.weights + tiny.grads + tiny.optimizer + tiny.optimizer_transient
