@@ -331,3 +331,14 @@ def test_memory_estimate_adds_what_the_cuda_runtime_takes():
     assert eight.optimizer_transient > one.optimizer_transient  # plus the gradients in flight
     tiny = estimate_memory(config, 1, seq_len=1, autocast=True)
     assert tiny.total == tiny.weights + tiny.grads + tiny.optimizer + tiny.optimizer_transient
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
+    from tests.training_fixtures import REPO
+
+    result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True, text=True,
+                            env=subprocess_env(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: bench/gpu_check.sh needs a CUDA GPU and torch sees none; on CPU run the test "
+                             "suite instead\n")

@@ -18,7 +18,8 @@ from tests.pipeline_mirror import build_mirror, mirror_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHELL_SCRIPTS = sorted(p.relative_to(REPO).as_posix()
-                       for p in [*REPO.glob("*.sh"), *(REPO / "scripts").glob("*.sh"), *(REPO / "tests").glob("*.sh")])
+                       for p in [*REPO.glob("*.sh"), *(REPO / "scripts").glob("*.sh"), *(REPO / "tests").glob("*.sh"),
+                                 *(REPO / "bench").glob("*.sh")])
 # report generate copies the report card and plots into the working dir, which is the repo for these scripts
 REPORT_COPIES = ("report.md", "train_loss.png", "val_bpb.png")
 PIPELINE_TIMEOUT_S = 600
