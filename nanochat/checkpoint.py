@@ -6,28 +6,34 @@
         optim_rank{r}.pt    each rank's optimizer state (its shard); torch.load(weights_only=True)
         rng_rank{r}.pt      each rank's RNG and data-loader state; torch.load(weights_only=True)
 
-Every rank writes into `step_NNNNNN.tmp/`, fsyncs, meets at a barrier, and rank 0 writes meta.json last and
-renames the directory. A directory is complete when it has no `.tmp` suffix and holds meta.json; nothing else
-is ever loaded, and leftover `.tmp` directories are deleted by the next save. Multi-node runs need the
+Every rank writes into `step_NNNNNN.tmp/` and fsyncs; the ranks then share whether their writes succeeded (one
+rank that cannot write stops every rank with the same line, none waits at a barrier for it), and rank 0 writes
+meta.json last and renames the directory. A directory is complete when it has no `.tmp` suffix and holds
+meta.json; nothing else is ever loaded, and leftover `.tmp` directories are deleted by the next save.
+
+Loading reads each file once, checks it against its sha256 in meta.json and loads from those same bytes. A
+file without a checksum there (a step saved before checksums were recorded) counts as damaged, like one that
+does not match: there is no switch to load an unverified step. Multi-node runs need the
 checkpoint directory on a filesystem every node shares.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import random
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from nanochat.common import (UserError, barrier, fsync_dir, get_base_dir, get_rank, get_world_size, git_commit,
                              print0)
@@ -128,7 +134,8 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
         tmp.mkdir()
     barrier()
     own_files = [tmp / f"optim_rank{rank}.pt", tmp / f"rng_rank{rank}.pt"]
-    with failed_write_is_user_error(tag_dir, tmp, step):
+
+    def write_own_files() -> None:
         torch.save([opt.state_dict() for opt in optimizers], own_files[0])
         torch.save(rank_state, own_files[1])
         if rank == 0:
@@ -136,44 +143,70 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
             own_files.append(tmp / MODEL_FILE)
         for path in own_files:
             fsync_file(path)
-    barrier()
+
+    # in place of a barrier: a rank that failed tells the others, so every rank stops with the same line instead
+    # of the healthy ones waiting forever for it
+    stop_if_any_rank_failed(failed_write(write_own_files), tag_dir, tmp, step)
+    error = None
     if rank == 0:
         pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
         if pause > 0:
             print0(f"pausing {pause:g}s mid-save of {tmp} ({PAUSE_ENV})")
             time.sleep(pause)
-        full_meta = {**meta, "step": step, "model_config": asdict(model.config),
-                     "world_size": get_world_size(),
-                     "git_commit": git_commit() or "unknown", "torch_version": torch.__version__,
-                     "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
-        meta_path = tmp / META_FILE
-        with failed_write_is_user_error(tag_dir, tmp, step):
+
+        def write_meta_and_rename() -> None:
+            full_meta = {**meta, "step": step, "model_config": asdict(model.config), "world_size": get_world_size(),
+                         "git_commit": git_commit() or "unknown", "torch_version": torch.__version__,
+                         "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
+            meta_path = tmp / META_FILE
             meta_path.write_text(json.dumps(full_meta, indent=2, default=str))
             fsync_file(meta_path)
-        fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run repeating its last step)
-            discard(final)
-        # rename last: a crash before this line leaves only a .tmp directory, which is never loaded
-        os.replace(tmp, final)
-        fsync_dir(tag_dir)
+            fsync_dir(tmp)
+            if final.exists():  # the same step saved again (a resumed run repeating its last step)
+                discard(final)
+            # rename last: a crash before this line leaves only a .tmp directory, which is never loaded
+            os.replace(tmp, final)
+            fsync_dir(tag_dir)
+
+        error = failed_write(write_meta_and_rename)
+    stop_if_any_rank_failed(error, tag_dir, tmp, step)
+    if rank == 0:
         prune(tag_dir, keep_last)
     barrier()
     return final
 
 
-@contextmanager
-def failed_write_is_user_error(tag_dir: Path, tmp: Path, step: int):
-    """A full disk (or a file-size limit) is one clear line naming the checkpoint still usable, not a traceback
-    from deep inside torch.save (which reports it as an opaque RuntimeError)."""
+def failed_write(write) -> str | None:
+    """Run `write`; a full disk (or a file-size limit) becomes a short reason naming this rank, not a traceback from
+    deep inside torch.save (which reports it as an opaque RuntimeError)."""
     try:
-        yield
+        write()
     except (OSError, RuntimeError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        have = complete_steps(tag_dir)
-        good = step_dir(tag_dir, have[-1]) if have else "none yet"
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UserError(f"could not write the checkpoint for step {step} ({reason}); is the disk full? Free space "
-                        f"and --resume; last complete checkpoint: {good}") from exc
+        return f"rank {get_rank()}: {reason}" if get_world_size() > 1 else reason
+    return None
+
+
+def first_error_on_any_rank(error: str | None) -> str | None:
+    """Collective: every rank learns the first rank's error (or None when all succeeded)."""
+    if get_world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def stop_if_any_rank_failed(error: str | None, tag_dir: Path, tmp: Path, step: int) -> None:
+    """Collective. Raises the same one-line UserError on every rank when any rank's write failed."""
+    error = first_error_on_any_rank(error)
+    if error is None:
+        return
+    if get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    have = complete_steps(tag_dir)
+    good = step_dir(tag_dir, have[-1]) if have else "none yet"
+    raise UserError(f"could not write the checkpoint for step {step} ({error}); is the disk full? Free space "
+                    f"and --resume; last complete checkpoint: {good}")
 
 
 def discard(path: Path) -> None:
@@ -203,62 +236,65 @@ class Checkpoint:
     meta: dict
 
 
-def verified(directory: Path, name: str, meta: dict) -> Path:
-    path = directory / name
-    if not path.is_file():
-        raise UserError(f"checkpoint {directory} has no {name}; it was saved by a different world size or is "
-                        "damaged; use another step (--resume_from_step)")
+class DamagedCheckpoint(UserError):
+    """A step with a file that is missing, not listed with a checksum in meta.json, or not matching it."""
+
+
+def read_verified(directory: Path, name: str, meta: dict) -> bytes:
+    """The file's bytes, hashed from the same read that loads them: what is checked is exactly what is used."""
     expected = meta.get("files", {}).get(name)
-    if expected is not None and sha256_file(path) != expected:
-        raise UserError(f"{path} does not match its checksum in {META_FILE}; the file is damaged, "
-                        "use another step (--resume_from_step)")
-    return path
+    if expected is None:
+        raise DamagedCheckpoint(f"{directory / META_FILE} lists no checksum for {name} (the step predates "
+                                "checksums or is damaged), so it is not loaded; use another step "
+                                "(--resume_from_step) or train it again")
+    try:
+        data = (directory / name).read_bytes()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"checkpoint {directory} has no {name}; it was saved by a different world size or "
+                                "is damaged; use another step (--resume_from_step)") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise DamagedCheckpoint(f"{directory / name} does not match its checksum in {META_FILE}; the file is "
+                                "damaged, use another step (--resume_from_step)")
+    return data
 
 
 def read_meta(directory: Path) -> dict:
     try:
         return json.loads((directory / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{directory / META_FILE} is unreadable ({exc}); the checkpoint is damaged, "
-                        "use another step (--resume_from_step)") from exc
+        raise DamagedCheckpoint(f"{directory / META_FILE} is unreadable ({exc}); the checkpoint is damaged, "
+                                "use another step (--resume_from_step)") from exc
 
 
-def find_damage(tag_dir: Path, step: int) -> str | None:
-    """Why a complete step's files (every rank's) fail their checksums in meta.json, or None when all match."""
-    directory = step_dir(tag_dir, step)
+def load_tensors_only(directory: Path, name: str, meta: dict, device) -> object:
+    """torch.load(weights_only=True) of a verified file, with a refused pickle (code an attacker slipped in) as
+    one clear line."""
+    data = read_verified(directory, name, meta)
     try:
-        meta = read_meta(directory)
-        for name in meta.get("files", {}):
-            verified(directory, name, meta)
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
-def load_tensors_only(path: Path, device) -> object:
-    """torch.load(weights_only=True), with a refused pickle (code an attacker slipped in) as one clear line."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path} holds objects that weights_only loading refuses, so it is not loaded (it may "
+        raise UserError(f"{directory / name} holds objects that weights_only loading refuses, so it is not loaded (it may "
                         "run code); use another step (--resume_from_step)") from exc
 
 
 def load_checkpoint(tag_dir: Path, step: int, device, rank: int = 0, load_optimizer: bool = True) -> Checkpoint:
+    """Each file is read once, checked against its sha256 in meta.json and loaded from those bytes; a file that
+    is missing, unlisted or different raises DamagedCheckpoint. Rank `rank` reads only its own optimizer/RNG files."""
     directory = step_dir(tag_dir, step)
     if step not in complete_steps(tag_dir):
         have = complete_steps(tag_dir)
         raise UserError(f"no complete checkpoint for step {step} in {tag_dir}; complete steps: {have or 'none'}")
     meta = read_meta(directory)
-    model_state = load_file(verified(directory, MODEL_FILE, meta), device=str(device))
+    model_state = load_safetensors(read_verified(directory, MODEL_FILE, meta))
+    model_state = {name: tensor.to(device) for name, tensor in model_state.items()}
     optimizer_states, rank_state = None, {}
     if load_optimizer:
         world = get_world_size()
         if meta.get("world_size", 1) != world:
             raise UserError(f"checkpoint {directory} was saved by {meta['world_size']} ranks but this run has "
                             f"{world}; resume with the same number of processes")
-        optimizer_states = load_tensors_only(verified(directory, f"optim_rank{rank}.pt", meta), device)
-        rank_state = load_tensors_only(verified(directory, f"rng_rank{rank}.pt", meta), "cpu")
+        optimizer_states = load_tensors_only(directory, f"optim_rank{rank}.pt", meta, device)
+        rank_state = load_tensors_only(directory, f"rng_rank{rank}.pt", meta, "cpu")
     return Checkpoint(model_state, optimizer_states, rank_state, meta)
 
 

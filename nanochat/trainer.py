@@ -17,8 +17,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as torch_dist
 
-from nanochat.checkpoint import (capture_rng_state, complete_steps, find_damage, load_checkpoint, load_model_state,
-                                 remove_partial, restore_rng_state, save_checkpoint, step_dir)
+from nanochat.checkpoint import (Checkpoint, DamagedCheckpoint, capture_rng_state, complete_steps,
+                                 first_error_on_any_rank, load_checkpoint, load_model_state, remove_partial,
+                                 restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import (DistInfo, UserError, atomic_write, autocast_context, device_peak_flops, init_wandb,
                              print0, resolve_dtype)
 from nanochat.compiled import BucketedCompile
@@ -99,20 +100,26 @@ class TrainLog:
                 f.write(json.dumps(entry) + "\n")
 
 
-def resume_step(flags: TrainFlags, checkpoint_dir: Path) -> int | None:
+def resume_checkpoint(flags: TrainFlags, checkpoint_dir: Path, dist: DistInfo) -> Checkpoint | None:
+    """The checkpoint to resume from: --resume_from_step's, or with --resume the newest step whose files every rank
+    read intact (loading is the check: each file is read once and verified against meta.json)."""
     if flags.resume_from_step != -1:
-        return flags.resume_from_step
+        return load_checkpoint(checkpoint_dir, flags.resume_from_step, dist.device, rank=dist.rank)
     if not flags.resume:
         return None
     steps = complete_steps(checkpoint_dir)
     if not steps:
         raise UserError(f"--resume found no complete checkpoint in {checkpoint_dir}; drop --resume to start fresh "
                         "or check --model_tag")
-    # every rank checks every rank's files (the directory is shared), so all ranks pick the same step
     for step in reversed(steps):
-        damage = find_damage(checkpoint_dir, step)
+        try:
+            ckpt, damage = load_checkpoint(checkpoint_dir, step, dist.device, rank=dist.rank), None
+        except DamagedCheckpoint as exc:
+            ckpt, damage = None, str(exc)
+        # each rank reads only its own optimizer/RNG files, so all ranks agree before any uses a step
+        damage = first_error_on_any_rank(damage)
         if damage is None:
-            return step
+            return ckpt
         print0(f"skipping {step_dir(checkpoint_dir, step)}: {damage}")
     raise UserError(f"--resume found every checkpoint in {checkpoint_dir} damaged (steps {steps}); drop --resume "
                     "to start fresh")
@@ -155,10 +162,10 @@ def start_run(run: Run) -> LoopState:
     run.meta = {"flags": asdict(run.flags), **run.meta}
     run.log = TrainLog(run.checkpoint_dir, run.dist.is_master)
     state = LoopState()
-    start = resume_step(run.flags, run.checkpoint_dir)
-    if start is not None:
-        state = restore(run, start)
-        run.log.truncate_after(start)
+    resumed = resume_checkpoint(run.flags, run.checkpoint_dir, run.dist)
+    if resumed is not None:
+        state = restore(run, resumed)
+        run.log.truncate_after(state.step)
         run.resumed = True
     run.start_step = state.step
     if run.start_step > run.num_iterations:
@@ -172,14 +179,13 @@ def start_run(run: Run) -> LoopState:
     return state
 
 
-def restore(run: Run, step: int) -> LoopState:
-    """Model, optimizers, RNG, loader and loop state from `step`'s checkpoint, refusing one trained under other
+def restore(run: Run, ckpt: Checkpoint) -> LoopState:
+    """Model, optimizers, RNG, loader and loop state from a loaded checkpoint, refusing one trained under other
     recipe-controlled flags (it would silently continue as a different run)."""
     model, optimizers, batches, checkpoint_dir, dist = run.model, run.optimizers, run.batches, run.checkpoint_dir, \
         run.dist
     if dist.is_master:
         remove_partial(checkpoint_dir)
-    ckpt = load_checkpoint(checkpoint_dir, step, dist.device, rank=dist.rank)
     mismatch = recipe_mismatch(ckpt.meta.get("flags", {}), run.meta["flags"])
     if mismatch:
         raise UserError(mismatch)
@@ -191,6 +197,7 @@ def restore(run: Run, step: int) -> LoopState:
     restore_rng_state(ckpt.rank_state["rng"])
     batches.load_state_dict(ckpt.rank_state["loader"])
     loop = ckpt.meta.get("loop", {})
+    step = ckpt.meta["step"]
     print0(f"resumed from {step_dir(checkpoint_dir, step)}")
     return LoopState(step=step, tokens_seen=loop.get("tokens_seen", 0), loss_ema=loop.get("loss_ema", 0.0),
                      metrics=loop.get("metrics", {}))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
 import torch
 
-from nanochat.checkpoint import (capture_rng_state, checkpoint_dir, complete_steps, create_model, load_checkpoint,
-                                 load_model, restore_rng_state, save_checkpoint, step_dir)
+from nanochat.checkpoint import (DamagedCheckpoint, capture_rng_state, checkpoint_dir, complete_steps, create_model,
+                                 load_checkpoint, load_model, restore_rng_state, save_checkpoint, step_dir)
 from nanochat.common import UserError
 from nanochat.optim import setup_optimizers
 from tests.model_cases import tiny_config
@@ -93,6 +94,49 @@ def test_damaged_file_fails_its_checksum(tmp_path):
     (path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(UserError, match="does not match its checksum"):
         load_checkpoint(tmp_path, 1, "cpu")
+
+
+@pytest.mark.parametrize("unlisted", ["model.safetensors", "optim_rank0.pt", "every file"])
+def test_a_file_without_a_checksum_is_damaged(tmp_path, unlisted):
+    """A step saved before checksums were recorded (or whose meta.json lost one) cannot be verified: refused."""
+    model, optimizers = trained(tiny_config(300), steps=1)
+    path = save(tmp_path, 1, model, optimizers)
+    meta = json.loads((path / "meta.json").read_text())
+    if unlisted == "every file":
+        del meta["files"]
+    else:
+        del meta["files"][unlisted]
+    (path / "meta.json").write_text(json.dumps(meta))
+    name = "model.safetensors" if unlisted == "every file" else unlisted
+    with pytest.raises(DamagedCheckpoint, match=f"lists no checksum for {name} .*not loaded"):
+        load_checkpoint(tmp_path, 1, "cpu")
+
+
+def test_each_file_is_read_once_and_loaded_from_the_bytes_verified(tmp_path):
+    """Each file becomes a FIFO that hands its bytes to one reader only: a separate checksum pass before the load
+    would open it a second time and wait for bytes that never come."""
+    model, optimizers = trained(tiny_config(300), steps=1)
+    path = save(tmp_path, 1, model, optimizers)
+    names = ["model.safetensors", "optim_rank0.pt", "rng_rank0.pt"]
+    contents = {name: (path / name).read_bytes() for name in names}
+    for name in names:
+        (path / name).unlink()
+        os.mkfifo(path / name)
+        threading.Thread(target=(path / name).write_bytes, args=(contents[name],), daemon=True).start()
+    loaded = {}
+    loader = threading.Thread(target=lambda: loaded.update(ckpt=load_checkpoint(tmp_path, 1, "cpu")), daemon=True)
+    loader.start()
+    loader.join(timeout=60)
+    for name in names:  # let a reader stuck on a second open see end-of-file, so no thread is left waiting
+        try:
+            os.close(os.open(path / name, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # nobody is waiting to read it
+    loader.join(timeout=10)
+    assert "ckpt" in loaded, "load_checkpoint did not load from one read of each file"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded["ckpt"].model_state[name], tensor), name
+    assert loaded["ckpt"].rank_state["loader"] == {"pos": 1}
 
 
 def test_resuming_with_another_world_size_is_refused(tmp_path):
