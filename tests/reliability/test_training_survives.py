@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from nanochat.trainer import TrainingDiverged
 from scripts.base_train import main as base_train_main
 from tests.test_trainer import SEQ_LEN, flags_for, run_training
 from tests.training_fixtures import (TINY_MODEL_ARGS, make_mini_corpus, read_losses, read_real_docs,
-                                     subprocess_env, token_rows)
+                                     subprocess_env, token_rows, torchrun_cmd)
 
 RUN_ARGS = [*TINY_MODEL_ARGS, "--depth=1", "--device_batch_size=4", "--total_batch_size=128", "--eval_every=-1",
             "--sample_every=-1", "--save_every=2", "--device_type=cpu"]
@@ -55,21 +56,32 @@ def final_weights(base, tag: str) -> dict[str, torch.Tensor]:
 
 
 def run_and_kill(base, args: list[str], kill_after_step: int, delay_s: float, mid_save: bool) -> None:
-    """Start base_train, SIGKILL it `delay_s` after it prints step `kill_after_step` (or while it pauses mid-save)."""
+    """Start base_train, SIGKILL it `delay_s` after it prints step `kill_after_step` (or while it pauses mid-save).
+    Asserts that it reached that line and died by this SIGKILL: a run that crashed or finished first is no kill."""
     env = subprocess_env(base, PYTHONUNBUFFERED="1", **({PAUSE_ENV: "60"} if mid_save else {}))
     proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
+    trigger = "pausing" if mid_save else f"step {kill_after_step:05d}/"
+    seen: list[str] = []
     try:
-        trigger = "pausing" if mid_save else f"step {kill_after_step:05d}/"
         for line in proc.stdout:
+            seen.append(line)
             if line.startswith(trigger):
                 time.sleep(delay_s)
+                proc.send_signal(signal.SIGKILL)
                 break
-        proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
         proc.stdout.close()
+    assert seen and seen[-1].startswith(trigger), f"the run ended before {trigger!r}: {''.join(seen[-5:])}"
+    assert proc.returncode == -signal.SIGKILL, f"the run died with {proc.returncode}, not by the SIGKILL"
+
+
+@pytest.mark.slow
+def test_a_run_that_crashes_before_its_kill_point_is_not_counted_as_killed(corpus):
+    with pytest.raises(AssertionError, match="ended before 'step 00003/'"):
+        run_and_kill(corpus, [*RUN_ARGS, "--depth=0"], kill_after_step=3, delay_s=0, mid_save=False)
 
 
 @pytest.mark.slow
@@ -127,6 +139,83 @@ def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(cor
     assert not list(tag_dir(corpus, "full").glob("*.tmp"))
     base_train_main([*RUN_ARGS, "--model_tag=full", "--num_iterations=4", "--resume"])
     assert complete_steps(tag_dir(corpus, "full")) == [2, 4]
+
+
+def used_bytes(directory) -> int:
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in directory.rglob("*") if p.is_file())
+
+
+@contextmanager
+def small_tmpfs(directory, size_bytes: int):
+    """`directory` becomes a tmpfs of `size_bytes`: a real full disk (ENOSPC), unlike RLIMIT_FSIZE's EFBIG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test covers EFBIG")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+@pytest.mark.slow
+def test_real_enospc_during_save_is_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE test covers a failed write as EFBIG")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(corpus))
+    base_train_main([*RUN_ARGS, "--model_tag=enospc", "--num_iterations=2"])
+    saved = tmp_path / "enospc"
+    shutil.move(tag_dir(corpus, "enospc"), saved)
+    checkpoint_bytes = used_bytes(step_dir(saved, 2))
+    # room for what is there plus half a checkpoint: step 4's save runs out of space partway through
+    with small_tmpfs(tag_dir(corpus, "enospc"), used_bytes(saved) + checkpoint_bytes // 2):
+        shutil.copytree(saved, tag_dir(corpus, "enospc"), dirs_exist_ok=True)
+        before = {p.name: sha256_file(p) for p in step_dir(tag_dir(corpus, "enospc"), 2).iterdir()}
+        full = base_train(corpus, "--model_tag=enospc", "--num_iterations=4", "--resume")
+        assert full.returncode == 2, full.stderr[-2000:]
+        assert full.stderr.startswith("error: ") and full.stderr.strip().count("\n") == 0, full.stderr[-2000:]
+        assert "step 4" in full.stderr and "step_000002" in full.stderr and "disk full" in full.stderr
+        assert complete_steps(tag_dir(corpus, "enospc")) == [2]
+        assert {p.name: sha256_file(p) for p in step_dir(tag_dir(corpus, "enospc"), 2).iterdir()} == before
+        assert not list(tag_dir(corpus, "enospc").glob("*.tmp"))
+        subprocess.run(["mount", "-o", f"remount,size={8 * used_bytes(saved)}", str(tag_dir(corpus, "enospc"))],
+                       check=True)
+        base_train_main([*RUN_ARGS, "--model_tag=enospc", "--num_iterations=4", "--resume"])
+        assert complete_steps(tag_dir(corpus, "enospc")) == [2, 4]
+
+
+RANK_ONE_CANNOT_WRITE = """
+import os, resource, runpy, sys
+if os.environ["RANK"] == "1":  # this rank's every write past 4 KiB fails (EFBIG; Python ignores SIGXFSZ)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+sys.argv = ["scripts.base_train", *sys.argv[1:]]
+runpy.run_module("scripts.base_train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_one_rank_failing_to_save_stops_every_rank_with_the_same_line(corpus, tmp_path):
+    logs = tmp_path / "logs"
+    # a long monitor interval: each rank must stop by itself, not because torchrun killed it after the other left
+    command = torchrun_cmd(2, "--monitor-interval=30", f"--log-dir={logs}", "--redirects=3", "--no-python",
+                           sys.executable, "-c", RANK_ONE_CANNOT_WRITE, *RUN_ARGS, "--device_batch_size=2", "--model_tag=rank_fails",
+                           "--num_iterations=4")
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(corpus), timeout=300)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120, "a rank waited for the one that failed"
+    stderr = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert sorted(stderr) == ["0", "1"], stderr
+    # torch's own FutureWarnings about the optimizer's collectives may come first; the error is one line, no traceback
+    errors = {rank: [line for line in text.splitlines() if line.startswith("error: ")] for rank, text in stderr.items()}
+    assert all(len(lines) == 1 and "Traceback" not in stderr[rank] for rank, lines in errors.items()), stderr
+    assert errors["0"] == errors["1"], errors
+    (line,) = errors["0"]
+    assert line.startswith("error: could not write the checkpoint for step 2 (rank 1: "), line
+    assert "last complete checkpoint: none yet" in line
+    assert complete_steps(tag_dir(corpus, "rank_fails")) == []
+    assert not list(tag_dir(corpus, "rank_fails").glob("*.tmp"))
 
 
 def flip_last_byte(path):
