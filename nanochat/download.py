@@ -4,7 +4,9 @@
     download_shards(8)        # pretraining shards 0..7 + the validation shard, in parallel, into base_data/
 
 A download streams into a hidden temp file next to `dest`, checks its size against Content-Length, runs the
-optional validator, fsyncs, and only then renames onto `dest`. Timeouts, connection errors, cut bodies, 5xx/429
+optional validator, fsyncs, and only then renames onto `dest`. It asks for the body unencoded
+(`Accept-Encoding: identity`), refuses a file larger than `max_bytes` and gives up `deadline_s` after it began;
+`HF_TOKEN` is sent only over https. Timeouts, connection errors, cut bodies, 5xx/429
 and files that fail validation are retried with exponential backoff; other HTTP errors fail at once. Ctrl-C
 (or any error) removes the temp file, so `dest` is either absent, the old file, or complete and valid.
 """
@@ -16,17 +18,21 @@ import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import requests
+import urllib3
 from tqdm import tqdm
 
 from nanochat.common import UserError, fsync_dir
 from nanochat.shards import data_dir, shard_name
 
 CHUNK_BYTES = 1 << 20
+MAX_FILE_BYTES = 2 << 30  # larger than any file the project fetches (a shard is ~100 MB); callers may set less
+DEADLINE_S = 3600.0  # per file, all attempts together
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 # HF_TOKEN goes only to Hugging Face hosts and the $HF_ENDPOINT mirror: a mirror named by --url_template or
 # NANOCHAT_DATA_URL must never receive it.
@@ -57,7 +63,8 @@ def auth_headers(url: str) -> dict[str, str]:
     host = parsed.hostname or ""
     endpoint = urlparse(hf_endpoint())
     to_endpoint = (host, parsed.port) == (endpoint.hostname, endpoint.port)
-    if token and (to_endpoint or any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS)):
+    # only over https: on plain http anyone on the path reads the token
+    if token and parsed.scheme == "https" and (to_endpoint or any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS)):
         return {"Authorization": f"Bearer {token}"}
     return {}
 
@@ -94,13 +101,17 @@ def validate_zip(path: Path) -> None:
 def download_file(url: str, dest: Path | str, validate: Callable[[Path], None] | None = None,
                   desc: str | None = None, retries: int = 5, timeout: float = 30.0, backoff_s: float = 1.0,
                   overwrite: bool = False, progress: bool = True,
-                  on_bytes: Callable[[int], None] | None = None) -> Path:
+                  on_bytes: Callable[[int], None] | None = None, max_bytes: int = MAX_FILE_BYTES,
+                  deadline_s: float = DEADLINE_S) -> Path:
     """Fetch `url` to `dest` atomically and return `dest`.
 
     An existing `dest` is kept when it passes `validate` (or when there is no validator) unless `overwrite`;
     a damaged one is downloaded again. `validate(path)` raises (any exception) to reject a file. `retries` is
     the number of extra attempts; attempt k waits `backoff_s * 2**k` seconds (capped at 60) before it starts.
     `on_bytes(n)` is called per received chunk, for callers that draw one bar over many files.
+    A file over `max_bytes` is refused (by its Content-Length before the body, or as soon as the body passes it),
+    and all attempts together end `deadline_s` after the first began (plus at most one `timeout` for a read
+    already waiting): a server that trickles bytes cannot hold a download forever.
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
@@ -113,13 +124,19 @@ def download_file(url: str, dest: Path | str, validate: Callable[[Path], None] |
             pass  # damaged: fall through and fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dest)
+    deadline = time.monotonic() + deadline_s
     last_error = ""
     try:
         for attempt in range(retries + 1):
             if attempt:
-                time.sleep(min(backoff_s * 2 ** (attempt - 1), 60.0))
+                wait = min(backoff_s * 2 ** (attempt - 1), 60.0)
+                if time.monotonic() + wait >= deadline:
+                    raise DownloadError(f"could not download {url} within {deadline_s:g}s ({attempt} tries): "
+                                        f"{last_error}")
+                time.sleep(wait)
             try:
-                fetch_once(url, tmp, timeout, desc or dest.name, progress, on_bytes)
+                fetch_once(url, tmp, Limits(timeout, deadline, deadline_s, max_bytes), desc or dest.name, progress,
+                           on_bytes)
                 if validate is not None:
                     try:
                         validate(tmp)
@@ -135,30 +152,59 @@ def download_file(url: str, dest: Path | str, validate: Callable[[Path], None] |
     raise DownloadError(f"could not download {url} after {retries + 1} tries: {last_error}")
 
 
-def fetch_once(url: str, tmp: Path, timeout: float, desc: str, progress: bool,
+@dataclass
+class Limits:
+    timeout: float  # seconds per connect or read
+    deadline: float  # time.monotonic() by which the whole download must be done
+    deadline_s: float  # the same, as given (for messages)
+    max_bytes: int
+
+    def check_time(self, url: str, received: int) -> None:
+        if time.monotonic() > self.deadline:
+            raise DownloadError(f"could not download {url} within {self.deadline_s:g}s (got {received} bytes); "
+                                "the server is too slow, try again later or use a closer mirror")
+
+    def too_large(self, url: str, size: str) -> DownloadError:
+        return DownloadError(f"refusing {url}: {size}, more than the {self.max_bytes} bytes expected at most for "
+                             "this file; check the URL (or its mirror setting)")
+
+
+def fetch_once(url: str, tmp: Path, limits: Limits, desc: str, progress: bool,
                on_bytes: Callable[[int], None] | None) -> None:
     """One attempt: stream the body into `tmp`, fsync it, and check the byte count against Content-Length."""
+    limits.check_time(url, 0)
+    # identity: Content-Length then counts the bytes written, and no decompression can grow a body past max_bytes
+    headers = {"Accept-Encoding": "identity", **auth_headers(url)}
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers=auth_headers(url)) as response:
+        with requests.get(url, stream=True, timeout=limits.timeout, headers=headers) as response:
             if response.status_code in RETRY_STATUS:
                 raise RetryableError(f"HTTP {response.status_code}")
             if response.status_code != 200:
                 raise DownloadError(f"HTTP {response.status_code} for {url}; check the URL (or its mirror setting)")
-            # Content-Encoding would make Content-Length count compressed bytes; ask for the raw body instead.
-            expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+            encoding = response.headers.get("Content-Encoding", "identity")
+            if encoding != "identity":
+                raise DownloadError(f"{url} came {encoding}-encoded although identity was asked for; "
+                                    "use another mirror")
+            expected = response.headers.get("Content-Length")
             expected = int(expected) if expected is not None and expected.isdigit() else None
+            if expected is not None and expected > limits.max_bytes:
+                raise limits.too_large(url, f"Content-Length {expected}")
             received = 0
             with open(tmp, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                                               desc=desc, disable=not progress, leave=False) as bar:
-                for chunk in response.iter_content(CHUNK_BYTES):
-                    out.write(chunk)
+                # read1: whatever has arrived, so the deadline is checked between reads even at a trickle
+                while chunk := response.raw.read1(CHUNK_BYTES, decode_content=False):
                     received += len(chunk)
+                    if received > limits.max_bytes:
+                        raise limits.too_large(url, f"a body past {limits.max_bytes} bytes")
+                    out.write(chunk)
                     bar.update(len(chunk))
                     if on_bytes is not None:
                         on_bytes(len(chunk))
+                    limits.check_time(url, received)
                 out.flush()
                 os.fsync(out.fileno())
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+    except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
         raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
     if expected is not None and received != expected:
         raise RetryableError(f"got {received} bytes, Content-Length said {expected}")

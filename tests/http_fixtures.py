@@ -7,7 +7,8 @@
 Faults: "503" (status 503, empty body), "404", "cut" (full Content-Length, half the body, then the connection
 closes), "truncate" (first half of the file served as a complete 200 with a matching Content-Length),
 "bad_length" (Content-Length one byte larger than the body, then close), "slow" (the whole file in 64 KiB
-pieces 50 ms apart, for interrupting a download midway). Every request's path and headers are recorded in
+pieces 50 ms apart, for interrupting a download midway), "trickle" (one byte every 20 ms, never finishing in a
+test's time), "no_length" (the whole file without Content-Length, ended by closing the connection). Every request's path and headers are recorded in
 `server.requests`.
 """
 from __future__ import annotations
@@ -19,9 +20,10 @@ from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-FAULTS = ("503", "404", "cut", "truncate", "bad_length", "slow")
+FAULTS = ("503", "404", "cut", "truncate", "bad_length", "slow", "trickle", "no_length")
 SLOW_PIECE_BYTES = 64 * 1024
 SLOW_PIECE_DELAY_S = 0.05
+TRICKLE_DELAY_S = 0.02
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -103,21 +105,20 @@ class FileServer:
                     body = half
                 elif fault == "bad_length":
                     self.send_header("Content-Length", str(len(body) + 1))
-                else:
+                elif fault != "no_length":
                     self.send_header("Content-Length", str(len(body)))
-                if fault in ("cut", "bad_length"):
+                if fault in ("cut", "bad_length", "no_length"):
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
-                pieces = range(0, len(body), SLOW_PIECE_BYTES) if fault == "slow" else [0]
-                step = SLOW_PIECE_BYTES if fault == "slow" else len(body)
-                for start in pieces:
+                step, delay = {"slow": (SLOW_PIECE_BYTES, SLOW_PIECE_DELAY_S),
+                               "trickle": (1, TRICKLE_DELAY_S)}.get(fault, (max(len(body), 1), 0))
+                for start in range(0, len(body), step):
                     try:
                         self.wfile.write(body[start:start + step])
                         self.wfile.flush()
                     except (BrokenPipeError, ConnectionResetError):
                         return  # the client went away mid-body
-                    if fault == "slow":
-                        time.sleep(SLOW_PIECE_DELAY_S)
+                    time.sleep(delay)
 
         return Handler

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 import zipfile
 
 import pyarrow.parquet as pq
@@ -107,20 +108,75 @@ def test_interrupt_mid_body_leaves_no_partial_file(served, out_dir):
     assert list(out_dir.iterdir()) == []
 
 
-def test_hf_token_goes_only_to_hugging_face(served, out_dir, monkeypatch):
+def test_hf_token_goes_only_to_hugging_face_over_https(served, out_dir, monkeypatch):
     server, _ = served
     monkeypatch.setenv("HF_TOKEN", "secret")
     assert auth_headers("https://huggingface.co/datasets/x/resolve/main/a.parquet") == {
         "Authorization": "Bearer secret"}
     assert auth_headers("https://cdn-lfs.hf.co/a") == {"Authorization": "Bearer secret"}
     assert auth_headers("https://evilhuggingface.co/a") == {}
+    assert auth_headers("http://huggingface.co/datasets/x/resolve/main/a.parquet") == {}
     fetch(server, out_dir / SHARD)
     (_, headers), = server.requests
     assert "Authorization" not in headers
+    # the $HF_ENDPOINT mirror gets the token over https only; this loopback mirror speaks http
     monkeypatch.setenv("HF_ENDPOINT", server.url().rstrip("/"))
     assert hub_file_url("a/b", "x.parquet") == server.url("datasets/a/b/resolve/main/x.parquet")
     fetch(server, out_dir / SHARD, overwrite=True)
-    assert server.requests[-1][1]["Authorization"] == "Bearer secret"
+    assert "Authorization" not in server.requests[-1][1]
+    https_mirror = server.url().rstrip("/").replace("http://", "https://")
+    monkeypatch.setenv("HF_ENDPOINT", https_mirror)
+    assert auth_headers(f"{https_mirror}/datasets/a/b/resolve/main/x.parquet") == {"Authorization": "Bearer secret"}
+
+
+def test_asks_for_an_unencoded_body(served, out_dir):
+    server, _ = served
+    fetch(server, out_dir / SHARD)
+    (_, headers), = server.requests
+    assert headers["Accept-Encoding"] == "identity"
+
+
+def test_content_length_over_max_bytes_is_refused_without_retries(served, out_dir):
+    server, original = served
+    with pytest.raises(DownloadError, match=f"refusing .*Content-Length {original.stat().st_size}, more than"):
+        fetch(server, out_dir / SHARD, max_bytes=original.stat().st_size - 1)
+    assert server.requests_for(SHARD) == 1
+    assert list(out_dir.iterdir()) == []
+    fetch(server, out_dir / SHARD, max_bytes=original.stat().st_size)  # exactly the cap is fine
+    assert (out_dir / SHARD).read_bytes() == original.read_bytes()
+
+
+def test_body_growing_past_max_bytes_is_cut_and_refused(served, out_dir):
+    server, original = served
+    server.add_faults(SHARD, "no_length", "no_length")
+    with pytest.raises(DownloadError, match="a body past 100000 bytes"):
+        fetch(server, out_dir / SHARD, max_bytes=100_000)
+    assert server.requests_for(SHARD) == 1
+    assert list(out_dir.iterdir()) == []
+    fetch(server, out_dir / SHARD)  # without a length but under the cap: read to the end and validated
+    assert (out_dir / SHARD).read_bytes() == original.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["trickle", "slow"])
+def test_a_download_that_outlasts_its_deadline_stops(served, out_dir, fault):
+    """A trickle (one byte per 20 ms) never trips the per-read timeout; only the overall deadline ends it."""
+    server, _ = served
+    server.add_faults(SHARD, fault, fault)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="within 1s"):
+        fetch(server, out_dir / SHARD, deadline_s=1.0)
+    assert time.monotonic() - started < 10
+    assert server.requests_for(SHARD) == 1
+    assert list(out_dir.iterdir()) == []
+
+
+def test_retries_stop_at_the_deadline(served, out_dir):
+    server, _ = served
+    server.add_faults(SHARD, *["503"] * 6)
+    with pytest.raises(DownloadError, match=r"within 0.5s \(\d tries\): HTTP 503"):
+        download_file(server.url(SHARD), out_dir / SHARD, backoff_s=0.2, progress=False, deadline_s=0.5)
+    assert server.requests_for(SHARD) < 6
+    assert list(out_dir.iterdir()) == []
 
 
 def test_zip_validator(out_dir):

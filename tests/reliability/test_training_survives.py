@@ -97,9 +97,12 @@ def test_kill_nine_at_five_random_points_then_resume_is_bit_exact(corpus):
         resumed_from = done[-1] if done else 0
         resume = ["--resume"] if done else []
         # at most STEPS - KILL_MARGIN: on a loaded machine the child keeps stepping while the parent wakes up, so
-        # leave it several steps to spare; a run resumed later than that is killed mid-save, which cannot miss
+        # leave it several steps to spare; a run resumed later than that is killed mid-save, which cannot miss.
+        # At least 3 steps in: the save 2 steps in is then complete, so every run moves the checkpoints forward
+        # (kills that all land before the first save would leave nothing to resume, whatever the timing)
         mid_save = kill == mid_save_kill or resumed_from >= STEPS - KILL_MARGIN
-        kill_after_step = rng.randint(resumed_from + 1, max(resumed_from + 1, STEPS - KILL_MARGIN))
+        earliest = min(resumed_from + 3, STEPS - KILL_MARGIN)
+        kill_after_step = rng.randint(earliest, STEPS - KILL_MARGIN)
         run_and_kill(corpus, [*args, *resume], kill_after_step=kill_after_step,
                      delay_s=rng.uniform(0, 0.05), mid_save=mid_save)
         assert not complete_steps(tag_dir(corpus, "killed")) or complete_steps(tag_dir(corpus, "killed"))[-1] < STEPS
