@@ -3,7 +3,8 @@
     TiktokenEncoding   nanochat's own: rustbpe-learned ranks run by tiktoken
         tokenizer.tiktoken      tiktoken's rank format: one `base64(token bytes) rank` per line
         tokenizer.json          split pattern, special tokens with ids, vocab size, training stats
-    HFEncoding         an imported model's: a Hugging Face `tokenizers` tokenizer (nanochat.hf_import)
+    HFEncoding         an imported model's: a Hugging Face `tokenizers` tokenizer with our special tokens
+                       mapped onto it (`HFEncoding.with_our_specials`, called by nanochat.hf_import)
         hf_tokenizer.json       the checkpoint's tokenizer.json, our special tokens added
         hf_special_tokens.json  our special-token names -> ids
 
@@ -188,6 +189,44 @@ class HFEncoding:
         if missing:
             raise UserError(f"{directory / HF_SPECIALS_FILE} lacks {', '.join(missing)}; import the model again")
         return cls(core, specials)
+
+
+    @classmethod
+    def with_our_specials(cls, tokenizer_json: str, bos_id: int | None, eos_id: int | None,
+                          model_vocab: int) -> tuple[HFEncoding, list[str]]:
+        """A checkpoint's tokenizer.json with our special tokens: <|bos|> is its BOS, <|assistant_end|> its EOS,
+        the others its own tokens of that name, else appended at `model_vocab`, `model_vocab + 1`, ...
+        Returns the encoding and the appended names (the model must grow rows for them)."""
+        data = json.loads(tokenizer_json)
+        core = HFTokenizerCore.from_str(tokenizer_json)
+        specials: dict[str, int] = {}
+        if bos_id is not None:
+            specials["<|bos|>"] = bos_id
+        if eos_id is not None:
+            specials["<|assistant_end|>"] = eos_id
+        if hf_vocab_size(core) > model_vocab:
+            raise UserError(f"tokenizer.json has {hf_vocab_size(core)} tokens but the model's vocab_size is "
+                            f"{model_vocab}; they do not belong together")
+        added = []
+        next_id = model_vocab
+        for name in SPECIAL_TOKENS:
+            if name in specials:
+                continue
+            existing = core.token_to_id(name)
+            if existing is not None:
+                specials[name] = existing
+                continue
+            data.setdefault("added_tokens", []).append({"id": next_id, "content": name, "single_word": False,
+                                                        "lstrip": False, "rstrip": False, "normalized": False,
+                                                        "special": True})
+            specials[name] = next_id
+            added.append(name)
+            next_id += 1
+        core = HFTokenizerCore.from_str(json.dumps(data, ensure_ascii=False))
+        for name in added:
+            if core.token_to_id(name) != specials[name]:
+                raise UserError(f"could not add {name} to the imported tokenizer at id {specials[name]}")
+        return cls(core, specials), added
 
 
 def hf_vocab_size(core: HFTokenizerCore) -> int:

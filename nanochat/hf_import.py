@@ -28,49 +28,10 @@ from tokenizers import Tokenizer as HFTokenizerCore
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, build_model, checkpoint_dir, complete_steps, save_checkpoint
 from nanochat.common import UserError, get_base_dir, print0
+from nanochat.encoding import RANKS_FILE, SPECIAL_TOKENS, HFEncoding, is_hf_encoding_dir
 from nanochat.model_config import GPTConfig
-from nanochat.encoding import RANKS_FILE, SPECIAL_TOKENS, HFEncoding, hf_vocab_size, is_hf_encoding_dir
 from nanochat.hf_export import flip_rotary_halves
 from nanochat.tokenizer import Tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tokenizer
-
-def adapt_tokenizer(tokenizer_json: str, bos_id: int | None, eos_id: int | None,
-                    model_vocab: int) -> tuple[Tokenizer, list[str]]:
-    """Our special tokens on top of an HF tokenizer. Returns the tokenizer and the names appended at
-    `model_vocab`, `model_vocab + 1`, ... (the model must grow rows for them)."""
-    data = json.loads(tokenizer_json)
-    core = HFTokenizerCore.from_str(tokenizer_json)
-    specials: dict[str, int] = {}
-    if bos_id is not None:
-        specials["<|bos|>"] = bos_id
-    if eos_id is not None:
-        specials["<|assistant_end|>"] = eos_id
-    if hf_vocab_size(core) > model_vocab:
-        raise UserError(f"tokenizer.json has {hf_vocab_size(core)} tokens but the model's vocab_size is "
-                        f"{model_vocab}; they do not belong together")
-    added = []
-    next_id = model_vocab
-    for name in SPECIAL_TOKENS:
-        if name in specials:
-            continue
-        existing = core.token_to_id(name)
-        if existing is not None:
-            specials[name] = existing
-            continue
-        data.setdefault("added_tokens", []).append({"id": next_id, "content": name, "single_word": False,
-                                                    "lstrip": False, "rstrip": False, "normalized": False,
-                                                    "special": True})
-        specials[name] = next_id
-        added.append(name)
-        next_id += 1
-    core = HFTokenizerCore.from_str(json.dumps(data, ensure_ascii=False))
-    for name in added:
-        if core.token_to_id(name) != specials[name]:
-            raise UserError(f"could not add {name} to the imported tokenizer at id {specials[name]}")
-    return Tokenizer(HFEncoding(core, specials)), added
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +210,8 @@ def load_hf_model(model_dir: str | Path, device="cpu"):
     model_vocab = hf.get("vocab_size")
     if not isinstance(model_vocab, int) or model_vocab < 1:
         raise UserError(f"{model_dir / 'config.json'} has no valid vocab_size")
-    tokenizer, added = adapt_tokenizer(tokenizer_json, bos_id, eos_id, model_vocab)
+    encoding, added = HFEncoding.with_our_specials(tokenizer_json, bos_id, eos_id, model_vocab)
+    tokenizer = Tokenizer(encoding)
     config = import_config(hf, model_vocab + len(added))
     state = import_state(read_hf_weights(model_dir), hf, config, eos_id, len(added))
     model = build_model({"model_config": asdict(config)}, torch.device(device), model_state=state)
