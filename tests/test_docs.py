@@ -16,12 +16,14 @@ def readme_layout() -> str:
 
 def test_readme_layout_names_every_module_and_no_other():
     layout = readme_layout()
-    assert [m for m in MODULES if f"{m}.py" not in layout] == []
-    named = set(re.findall(r"\b(\w+)\.py\b", layout))
-    assert sorted(named - set(MODULES)) == []
+    unlisted = [m for m in MODULES if f"{m}.py" not in layout]
+    assert not unlisted, f"add {unlisted} to the Layout block of README.md"
+    stale = sorted(set(re.findall(r"\b(\w+)\.py\b", layout)) - set(MODULES))
+    assert not stale, f"README.md's Layout names {stale}, which nanochat/ does not have"
 
 
 def test_internals_names_every_module():
     internals = (REPO / "docs" / "internals.md").read_text(encoding="utf-8")
     names = set(re.findall(r"nanochat[./](\w+)", internals)) | set(re.findall(r"\b(\w+)\.py\b", internals))
-    assert [m for m in MODULES if m not in names] == []
+    unlisted = [m for m in MODULES if m not in names]
+    assert not unlisted, f"say what {unlisted} offer in docs/internals.md (as nanochat.NAME or NAME.py)"
