@@ -1,4 +1,5 @@
 """The engine: KV-cache decoding equals full recomputation, sampling rules, stops, tools, errors, cleanup."""
+import dataclasses
 import gc
 import weakref
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.engine import FINISHED, Engine, KVCache, StreamDecoder, assistant_parts, fit_prompt, sample_next_token
+from nanochat.engine import (FINISHED, Engine, KVCache, SamplingParams, StreamDecoder, assistant_parts, fit_prompt,
+                             sample_next_token)
 from tests.engine_helpers import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from tests.engine_helpers import (TOOL_CONVERSATION, known_logits_gpt, random_gpt, train_tokenizer,
                                   train_tool_caller)
@@ -264,3 +266,25 @@ def test_fit_prompt_keeps_bos_and_the_newest_tokens():
     kept, budget = fit_prompt(prompt, max_seq_len=32, max_new_tokens=0)  # a forward pass only: the whole context
     assert kept == [0] + list(range(69, 100)) and budget == 0
     assert fit_prompt(prompt[:10], max_seq_len=32, max_new_tokens=100) == (prompt[:10], 23)
+
+
+def test_sampling_params_spell_off_one_way():
+    off = SamplingParams(max_tokens=5, temperature=0.7, top_k=0, top_p=1.0).engine_kwargs()
+    assert (off["top_k"], off["top_p"], off["stop"]) == (None, None, None)
+    on = SamplingParams(top_k=3, top_p=0.9, stop=["\n"], num_samples=2, seed=7).engine_kwargs()
+    assert (on["top_k"], on["top_p"], on["stop"], on["num_samples"], on["seed"]) == (3, 0.9, ["\n"], 2, 7)
+
+
+@pytest.mark.parametrize("flags_class", ["scripts.chat_eval.ChatEvalFlags", "scripts.chat_rl.RLFlags",
+                                         "nanochat.terminal.TerminalFlags"])
+def test_every_top_k_flag_means_off_at_zero(flags_class):
+    import importlib
+
+    from nanochat.flags import parse_flags
+
+    module, name = flags_class.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert parse_flags(cls, ["--top_k", "0"]).top_k == 0
+    assert "0 = off" in next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == "top_k")
+    with pytest.raises(UserError, match=r"top_k must be >= 0 \(0 = off\), got -1"):
+        parse_flags(cls, ["--top_k", "-1"])
