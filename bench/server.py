@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model, save_checkpoint
-from nanochat.engine import Engine
+from nanochat.engine import Engine, SamplingParams
 from nanochat.flags import flag, parse_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.server.completions import sse_failure
-from nanochat.server.generation import SamplingParams, Step, run_generation
+from nanochat.server.generation import Step, run_generation
 from nanochat.server.loading import cpu_threads_per_worker
 from nanochat.tokenizer import Tokenizer
 
@@ -89,7 +89,7 @@ def run_concurrently(count: int, work) -> list:
 
 def direct_streams(engine: Engine, prompt: list[int], clients: int, max_tokens: int) -> list[StreamTiming]:
     """The reference: the server's own generation loop (engine + stream decoder) called in-process, no HTTP."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_k=None, top_p=None, seed=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
 
     def one() -> StreamTiming:
         start = time.perf_counter()
