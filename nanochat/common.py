@@ -10,6 +10,7 @@ import random
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -234,13 +235,8 @@ def check_shared_base_dir(rank: int) -> None:
     if rank == 0:
         atomic_write(probe, nonce[0])
     dist.barrier()
-    try:
-        sees = probe.read_text() == nonce[0]
-    except OSError:
-        sees = False
     seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (sees, socket.gethostname(), str(base)))
-    dist.barrier()
+    dist.all_gather_object(seen, (file_holds(probe, nonce[0]), socket.gethostname(), str(base)))
     if rank == 0:
         probe.unlink(missing_ok=True)
     blind = [f"rank {r} on {host} ({path})" for r, (ok, host, path) in enumerate(seen) if not ok]
@@ -248,6 +244,20 @@ def check_shared_base_dir(rank: int) -> None:
         raise UserError(f"NANOCHAT_BASE_DIR is not shared: {', '.join(blind)} cannot see the file rank 0 wrote in "
                         f"{seen[0][2]} on {seen[0][1]}; point NANOCHAT_BASE_DIR at one shared filesystem (NFS, "
                         "Lustre, ...) mounted on every node")
+
+
+def file_holds(path: Path, text: str, wait_s: float = 5.0) -> bool:
+    """Whether `path` reads as `text`, allowing a network filesystem a few seconds to show another node's write."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.read_text() == text:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
 
 
 def decide_on_rank0(decide: Callable[[], T]) -> T:
