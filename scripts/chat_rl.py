@@ -37,8 +37,9 @@ class RLFlags(StageFlags):
     max_new_tokens: int = flag(256, "longest sampled answer in tokens")
     temperature: float = flag(1.0, "sampling temperature for rollouts and pass@k")
     top_k: int = flag(50, "sample from the k most likely tokens; 0 = off")
-    compile: bool | None = flag(False, "torch.compile the model; off by default: row lengths change every "
-                                       "micro-batch, and each new shape would recompile")
+    compile: bool | None = flag(False, "torch.compile the model (rows are padded to power-of-two length "
+                                       "buckets, each compiled once); off by default: a short stage rarely "
+                                       "earns back the compile time")
     init_lr_frac: float = flag(0.05, "starting LR as a fraction of the base LRs")
     eval_every: int = flag(60, "steps between pass@k evaluations; -1 = off")
     eval_examples: int = flag(400, "val questions per pass@k evaluation")

@@ -43,8 +43,9 @@ class SFTFlags(ChatTrainFlags):
     device_batch_size: int = flag(4, "conversations per device per micro-step; lower it if you run out of memory")
     target_examples_per_step: int = flag(32, "conversations per optimizer step across all ranks")
     num_epochs: int = flag(1, "passes over the mixture when --num_iterations is -1")
-    compile: bool | None = flag(False, "torch.compile the model; off by default: row lengths change every "
-                                       "micro-batch, and each new shape would recompile")
+    compile: bool | None = flag(False, "torch.compile the model (rows are padded to power-of-two length "
+                                       "buckets, each compiled once); off by default: a short stage rarely "
+                                       "earns back the compile time")
     init_lr_frac: float = flag(0.02, "starting LR as a fraction of the base LRs")
     eval_every: int = flag(100, "steps between val-loss evaluations; -1 = off")
     chat_eval_every: int = flag(200, "steps between accuracy evals on the synthetic val tasks; -1 = off")
