@@ -167,8 +167,7 @@ def main() -> None:
         print(json.dumps(encode_worker(args.corpus, args.vocab_size, args.pattern)))
         return
 
-    import rustbpe
-    pattern = rustbpe.DEFAULT_PATTERN
+    from nanochat.tokenizer import SPLIT_PATTERN as pattern
     deps_dir = Path(args.deps_dir)
     paths = {"ours": None, "reference": install("rustbpe", deps_dir), "hf": install("tokenizers", deps_dir)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -75,6 +75,6 @@ fn main() {
     );
 
     let (start, cpu) = (Instant::now(), cpu_seconds());
-    let merges = train::learn_merges(counts, vocab_size - 256);
+    let merges = train::learn_merges(counts, vocab_size - 256, &mut |_| Ok::<(), ()>(())).unwrap();
     report("merges", start, cpu, format!("{}", merges.len()));
 }

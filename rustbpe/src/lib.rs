@@ -16,8 +16,8 @@ use std::fmt;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
-pub use split::{Splitter, DEFAULT_PATTERN};
-pub use train::ChunkCounts;
+pub use split::{Splitter, GPT4_PATTERN};
+pub use train::{ChunkCounts, Event};
 
 /// Ids 0..=255 are raw bytes; merge i produces id 256 + i.
 pub const NUM_BYTE_TOKENS: u32 = 256;
@@ -29,9 +29,16 @@ pub type Pair = (u32, u32);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BpeError {
     VocabTooSmall(i64),
-    BadPattern { pattern: String, reason: String },
+    BadPattern {
+        pattern: String,
+        reason: String,
+    },
     SplitFailed(String),
-    UnknownToken { id: u64, vocab_size: u32 },
+    UnknownToken(u32),
+    NotUtf8 {
+        bytes: Vec<u8>,
+        error: std::str::Utf8Error,
+    },
 }
 
 impl fmt::Display for BpeError {
@@ -47,10 +54,11 @@ impl fmt::Display for BpeError {
             BpeError::SplitFailed(reason) => {
                 write!(f, "the split pattern failed on this input: {reason}")
             }
-            BpeError::UnknownToken { id, vocab_size } => write!(
-                f,
-                "token id {id} is out of range for a vocabulary of {vocab_size} tokens"
-            ),
+            // the reference package's wording, which callers may match on
+            BpeError::UnknownToken(id) => write!(f, "Unknown token id: {id}"),
+            BpeError::NotUtf8 { error, .. } => {
+                write!(f, "the decoded bytes are not UTF-8: {error}")
+            }
         }
     }
 }
@@ -72,9 +80,11 @@ pub struct Tokenizer {
     bytes_to_id: FxHashMap<Vec<u8>, u32>,
 }
 
+/// Untrained, as the reference's: bytes only and an empty pattern, so `encode` returns no ids until training.
 impl Default for Tokenizer {
     fn default() -> Self {
-        Self::from_merges(Splitter::default(), Vec::new())
+        let empty = Splitter::new("").expect("the empty pattern compiles");
+        Self::from_merges(empty, Vec::new())
     }
 }
 
@@ -107,12 +117,22 @@ impl Tokenizer {
     /// Learns `vocab_size - 256` merges (fewer if the text runs out of pairs) from counted chunks, which
     /// are consumed so that their memory is freed while the merges are learned.
     pub fn train(counts: ChunkCounts, vocab_size: u64) -> Result<Self> {
+        Self::train_with_events(counts, vocab_size, &mut |_| Ok(()))
+    }
+
+    /// `train`, reporting progress to `on_event`, which may stop training by returning an error.
+    pub fn train_with_events<E: From<BpeError>>(
+        counts: ChunkCounts,
+        vocab_size: u64,
+        on_event: &mut impl FnMut(Event) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Self, E> {
         if vocab_size < u64::from(NUM_BYTE_TOKENS) {
-            return Err(BpeError::VocabTooSmall(vocab_size as i64));
+            return Err(BpeError::VocabTooSmall(vocab_size as i64).into());
         }
-        let num_merges = (vocab_size - u64::from(NUM_BYTE_TOKENS)) as usize;
+        let num_merges =
+            usize::try_from(vocab_size - u64::from(NUM_BYTE_TOKENS)).unwrap_or(usize::MAX);
         let splitter = counts.splitter().clone();
-        let merges = train::learn_merges(counts, num_merges);
+        let merges = train::learn_merges(counts, num_merges, on_event)?;
         Ok(Self::from_merges(splitter, merges))
     }
 
@@ -186,18 +206,19 @@ impl Tokenizer {
             let bytes = self
                 .token_bytes
                 .get(id as usize)
-                .ok_or(BpeError::UnknownToken {
-                    id: u64::from(id),
-                    vocab_size: self.vocab_size(),
-                })?;
+                .ok_or(BpeError::UnknownToken(id))?;
             out.extend_from_slice(bytes);
         }
         Ok(out)
     }
 
-    /// Decodes to text; byte sequences that are not valid UTF-8 become U+FFFD, as in tiktoken.
+    /// Decodes to text; bytes that are not valid UTF-8 (a token cut mid-character) are an error, as in the
+    /// reference package (tiktoken's `decode_bytes` is the way to get them anyway).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        Ok(String::from_utf8_lossy(&self.decode_bytes(ids)?).into_owned())
+        String::from_utf8(self.decode_bytes(ids)?).map_err(|e| BpeError::NotUtf8 {
+            error: e.utf8_error(),
+            bytes: e.into_bytes(),
+        })
     }
 
     /// Decodes many id lists in parallel.
@@ -297,7 +318,9 @@ mod tests {
         let err = Tokenizer::train(counts, 100).unwrap_err();
         assert!(err.to_string().contains("at least 256"));
         let err = Tokenizer::default().decode(&[256]).unwrap_err();
-        assert!(err.to_string().contains("256"));
+        assert_eq!(err.to_string(), "Unknown token id: 256");
+        let err = Tokenizer::default().decode(&[0xc3]).unwrap_err();
+        assert!(matches!(err, BpeError::NotUtf8 { bytes, .. } if bytes == [0xc3]));
         assert!(Splitter::new("(").is_err());
     }
 

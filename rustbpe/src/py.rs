@@ -1,18 +1,98 @@
-//! Python bindings: `rustbpe.Tokenizer`, API-compatible with the `rustbpe` package on PyPI.
+//! Python bindings: `rustbpe.Tokenizer`, a drop-in for the `rustbpe` package on PyPI (docs/tokenizer.md lists
+//! where it differs).
 //!
-//! Heavy work (splitting, counting, merging, batch encode/decode) runs with the GIL released. Errors from
-//! the plain-Rust side become `ValueError`s; a non-string from the training iterator is a `TypeError`; an
-//! exception raised by the iterator itself propagates unchanged.
-use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+//! Heavy work (splitting, counting, merging, batch encode/decode) runs with the GIL released. Errors from the
+//! plain-Rust side become `ValueError`s (`UnicodeDecodeError` for bytes that are not UTF-8); a non-string from
+//! the training iterator is a `TypeError`; an exception raised by the iterator, or by a string that cannot be
+//! encoded (a lone surrogate), propagates unchanged. Progress goes to the Python logger `rustbpe`.
+use std::time::{Duration, Instant};
 
-use crate::{BpeError, ChunkCounts, Splitter};
+use pyo3::exceptions::{PyTypeError, PyUnicodeDecodeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyIterator, PyString};
+
+use crate::{BpeError, ChunkCounts, Event, Splitter, GPT4_PATTERN};
 
 impl From<BpeError> for PyErr {
     fn from(err: BpeError) -> PyErr {
-        PyValueError::new_err(err.to_string())
+        match err {
+            BpeError::NotUtf8 { bytes, error } => {
+                Python::attach(|py| PyUnicodeDecodeError::new_err_from_utf8(py, &bytes, error))
+            }
+            other => PyValueError::new_err(other.to_string()),
+        }
     }
+}
+
+/// How often a training run in Rust looks for Ctrl-C (and other signals Python handles).
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The Python logger `rustbpe` (the reference package logs there too), and the signal check that goes with
+/// each visit to Python.
+struct Progress {
+    logger: Py<PyAny>,
+    last_check: Instant,
+}
+
+impl Progress {
+    fn new(py: Python<'_>) -> PyResult<Self> {
+        let logger = py
+            .import("logging")?
+            .call_method1("getLogger", ("rustbpe",))?
+            .unbind();
+        Ok(Progress {
+            logger,
+            last_check: Instant::now(),
+        })
+    }
+
+    fn info(&mut self, py: Python<'_>, message: String) -> PyResult<()> {
+        self.last_check = Instant::now();
+        py.check_signals()?;
+        self.logger.bind(py).call_method1("info", (message,))?;
+        Ok(())
+    }
+
+    /// Called from Rust with the GIL released: takes it briefly to log, or to check for signals once per
+    /// interval. A KeyboardInterrupt raised there stops training.
+    fn on_event(&mut self, event: Event) -> PyResult<()> {
+        match event {
+            Event::Message(message) => Python::attach(|py| self.info(py, message)),
+            Event::Tick if self.last_check.elapsed() >= SIGNAL_CHECK_INTERVAL => {
+                self.last_check = Instant::now();
+                Python::attach(|py| py.check_signals())
+            }
+            Event::Tick => Ok(()),
+        }
+    }
+}
+
+/// Pulls up to `count` strings from the iterator; `position` numbers the items for error messages.
+fn next_batch<'py>(
+    items: &mut Bound<'py, PyIterator>,
+    count: usize,
+    position: &mut usize,
+) -> PyResult<Vec<Bound<'py, PyString>>> {
+    let mut batch = Vec::with_capacity(count);
+    for item in items.by_ref().take(count) {
+        let item = item?;
+        let text = item.cast_into::<PyString>().map_err(|err| {
+            let type_name = err
+                .into_inner()
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".to_string());
+            PyTypeError::new_err(format!(
+                "train_from_iterator expects str items, item {position} is {type_name}"
+            ))
+        })?;
+        // the real cause of a string Rust cannot read (a lone surrogate is a UnicodeEncodeError)
+        text.to_str()?;
+        batch.push(text);
+        *position += 1;
+    }
+    Ok(batch)
 }
 
 /// A byte-level BPE tokenizer: train it from an iterator of strings, then encode and decode.
@@ -29,10 +109,10 @@ impl PyTokenizer {
         Self::default()
     }
 
-    /// Train from a (streaming) iterator of strings: `buffer_size` strings are pulled at a time with the
-    /// GIL held, then split and counted in parallel with the GIL released. `vocab_size` counts the 256
-    /// byte tokens; fewer merges are learned if the text runs out of pairs. `pattern=None` uses the
-    /// default split pattern (GPT-4's with `\p{N}{1,2}`).
+    /// Train from a (streaming) iterator of strings: `buffer_size` strings are pulled at a time with the GIL
+    /// held while the previous batch is split and counted on other threads, reading the strings in place.
+    /// `vocab_size` counts the 256 byte tokens; fewer merges are learned if the text runs out of pairs.
+    /// `pattern=None` uses GPT-4's split pattern (`GPT4_PATTERN`), as the reference package does.
     #[pyo3(signature = (iterator, vocab_size, buffer_size = 8192, pattern = None))]
     fn train_from_iterator(
         &mut self,
@@ -51,38 +131,44 @@ impl PyTokenizer {
                 "buffer_size must be at least 1, got 0",
             ));
         }
-        let splitter = match pattern {
-            Some(p) => Splitter::new(p)?,
-            None => Splitter::default(),
-        };
-        let mut counts = ChunkCounts::new(splitter);
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size);
-        let mut position = 0usize;
+        let mut counts = ChunkCounts::new(Splitter::new(pattern.unwrap_or(GPT4_PATTERN))?);
+        let mut progress = Progress::new(py)?;
+        progress.info(
+            py,
+            format!("Processing sequences from iterator (buffer_size: {buffer_size})"),
+        )?;
         let mut items = iterator.try_iter()?;
-        loop {
-            buffer.clear();
-            for item in items.by_ref().take(buffer_size) {
-                let item = item?;
-                let text = item.extract::<String>().map_err(|_| {
-                    let type_name = item
-                        .get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|_| "?".to_string());
-                    PyTypeError::new_err(format!(
-                        "train_from_iterator expects str items, item {position} is {type_name}"
-                    ))
-                })?;
-                buffer.push(text);
-                position += 1;
-            }
-            if buffer.is_empty() {
-                break;
-            }
-            py.detach(|| counts.add_texts(&buffer))?;
+        let mut position = 0usize;
+        let mut batch = next_batch(&mut items, buffer_size, &mut position)?;
+        while !batch.is_empty() {
+            py.check_signals()?;
+            let texts: Vec<&str> = batch
+                .iter()
+                .map(|text| text.to_str())
+                .collect::<PyResult<_>>()?;
+            // Count this batch on other threads while this one pulls the next from Python.
+            let (counted, next) = std::thread::scope(|scope| {
+                let counting = scope.spawn(|| counts.add_texts(&texts));
+                let next = next_batch(&mut items, buffer_size, &mut position);
+                let counted = py.detach(|| counting.join());
+                (counted, next)
+            });
+            counted.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            drop(texts);
+            batch = next?;
         }
-        drop(buffer);
-        self.inner = py.detach(|| crate::Tokenizer::train(counts, vocab_size))?;
+        progress.info(
+            py,
+            format!(
+                "Processed {position} sequences total, {} unique",
+                counts.len()
+            ),
+        )?;
+        self.inner = py.detach(|| {
+            crate::Tokenizer::train_with_events(counts, vocab_size, &mut |event| {
+                progress.on_event(event)
+            })
+        })?;
         Ok(())
     }
 
@@ -115,7 +201,7 @@ impl PyTokenizer {
         Ok(py.detach(|| self.inner.batch_encode(&texts))?)
     }
 
-    /// Decode token ids to a string (invalid UTF-8 becomes U+FFFD).
+    /// Decode token ids to a string; ids whose bytes are not UTF-8 raise UnicodeDecodeError.
     fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
         Ok(self.inner.decode(&ids)?)
     }
@@ -133,6 +219,6 @@ impl PyTokenizer {
 #[pymodule]
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
-    m.add("DEFAULT_PATTERN", crate::DEFAULT_PATTERN)?;
+    m.add("GPT4_PATTERN", crate::GPT4_PATTERN)?;
     Ok(())
 }

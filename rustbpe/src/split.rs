@@ -1,7 +1,7 @@
 //! Pre-tokenization: cutting text into the chunks BPE works inside (merges never cross a chunk boundary).
 //!
-//! Any fancy-regex pattern works. The GPT-4 pattern family (the default, or GPT-4's own with `\p{N}{1,3}`)
-//! is also implemented by hand below: a backtracking regex spent most of training's time here, and a
+//! Any fancy-regex pattern works. The GPT-4 pattern family (`\p{N}{1,k}` for k = 1..9: GPT-4's own has 3,
+//! nanochat's 2) is also implemented by hand below: a backtracking regex spent most of training's time here, and a
 //! single forward scan over character classes gives the same chunks several times faster. The classes come
 //! from `regex-syntax`, the tables fancy-regex itself compiles the pattern with, so they agree exactly;
 //! `tests/split_matches_regex.rs` checks the two paths against each other on arbitrary Unicode.
@@ -10,13 +10,12 @@ use std::sync::OnceLock;
 use fancy_regex::Regex;
 use regex_syntax::hir::{Class, HirKind};
 
-/// GPT-4's split pattern with digits grouped in ones and twos (`\p{N}{1,2}`) instead of threes, which
-/// spends fewer tokens on numbers in a small vocabulary.
-pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+/// GPT-4's split pattern: the default when training is given no pattern, as in the reference package.
+pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
-/// The GPT-4 pattern with `\p{N}{1,max_digits}`.
-fn gpt4_family(max_digits: usize) -> String {
-    DEFAULT_PATTERN.replace(r"\p{N}{1,2}", &format!(r"\p{{N}}{{1,{max_digits}}}"))
+/// The GPT-4 pattern with `\p{N}{1,max_digits}` (nanochat's has 2).
+pub fn gpt4_family(max_digits: usize) -> String {
+    GPT4_PATTERN.replace(r"\p{N}{1,3}", &format!(r"\p{{N}}{{1,{max_digits}}}"))
 }
 
 /// A compiled split pattern.
@@ -28,9 +27,10 @@ pub struct Splitter {
     max_digits: Option<usize>,
 }
 
+/// GPT-4's pattern, the default for training.
 impl Default for Splitter {
     fn default() -> Self {
-        Splitter::new(DEFAULT_PATTERN).expect("the default pattern compiles")
+        Splitter::new(GPT4_PATTERN).expect("the GPT-4 pattern compiles")
     }
 }
 

@@ -4,6 +4,7 @@
 //! one entry with count 1e6. The merge loop keeps exact pair counts and, for each pair, the chunks it may
 //! occur in, so each merge only touches the chunks that contain it.
 use std::cmp::Ordering;
+use std::collections::hash_map::Entry;
 use std::collections::BinaryHeap;
 use std::hash::Hash;
 
@@ -156,11 +157,26 @@ impl PartialOrd for Candidate {
     }
 }
 
+/// What training reports while it runs: milestones worth logging, and a tick between merges where the caller
+/// may stop it by returning an error (the Python binding checks for Ctrl-C there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Message(String),
+    Tick,
+}
+
 /// Learns up to `num_merges` merges: each time the most frequent adjacent pair (ties: the smaller pair).
 ///
 /// Counts never rise after a pair first appears (every pair a merge creates contains the new id), so a
 /// lazily updated max-heap is exact: a popped entry whose count is stale is re-pushed with the true count.
-pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
+pub fn learn_merges<E>(
+    counts: ChunkCounts,
+    num_merges: usize,
+    on_event: &mut impl FnMut(Event) -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<Pair>, E> {
+    on_event(Event::Message(format!(
+        "Starting BPE training: {num_merges} merges to compute"
+    )))?;
     // All chunks' ids back to back (one allocation, visited in order), each shrinking in place as merges
     // apply; spans say where each chunk lives. Single-byte chunks hold no pair and are left out.
     let mut ids: Vec<u32> = Vec::new();
@@ -175,19 +191,15 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
             ids.extend(chunk.iter().map(|&b| u32::from(b)));
         }
     }
-
-    // Every live pair (count > 0): its count and the chunks it may occur in. A chunk stays listed after
-    // other merges remove the pair from it; merging then finds nothing there, which costs one scan.
-    let mut pairs: FxHashMap<Pair, PairState> = FxHashMap::default();
-    for (w, span) in spans.iter().enumerate() {
-        for pair in ids[span.range()].windows(2).map(|p| (p[0], p[1])) {
-            let state = pairs.entry(pair).or_default();
-            state.count += span.weight;
-            if state.chunks.last() != Some(&(w as u32)) {
-                state.chunks.push(w as u32);
-            }
-        }
-    }
+    on_event(Event::Message(format!(
+        "Computing initial pair counts from {} unique sequences",
+        spans.len()
+    )))?;
+    let mut pairs = count_pairs(&ids, &spans);
+    on_event(Event::Message(format!(
+        "Building heap with {} unique pairs",
+        pairs.len()
+    )))?;
     let mut heap: BinaryHeap<Candidate> = pairs
         .iter()
         .map(|(&pair, state)| Candidate {
@@ -196,15 +208,17 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
         })
         .collect();
 
-    // Each merge shortens the chunks by at least one id, so this bounds the work and the tables below
-    // however large a vocabulary is asked for.
-    let num_merges = num_merges.min(ids.len());
-    let mut merges = Vec::with_capacity(num_merges);
-    let vocab_size = NUM_BYTE_TOKENS as usize + num_merges;
+    on_event(Event::Message("Starting merge loop".to_string()))?;
+    // Each merge shortens the chunks by at least one id, so this bounds the work however large a
+    // vocabulary is asked for; the tables below grow with the merges actually made, not the request.
+    let limit = num_merges.min(ids.len());
+    let mut merges = Vec::new();
+    let mut last_percent = 0;
     // The pairs a merge creates all contain its new id, as (x, new) or (new, y): tally them in arrays
     // indexed by x and y instead of hashing each occurrence, and publish them once the merge is done.
-    let (mut with_left, mut with_right) = (NewPairs::new(vocab_size), NewPairs::new(vocab_size));
-    while merges.len() < num_merges {
+    let (mut with_left, mut with_right) = (NewPairs::default(), NewPairs::default());
+    while merges.len() < limit {
+        on_event(Event::Tick)?;
         let Some(top) = heap.pop() else { break };
         let Some(count) = pairs.get(&top.pair).map(|state| state.count) else {
             continue;
@@ -218,6 +232,8 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
         }
         let new_id = NUM_BYTE_TOKENS + merges.len() as u32;
         merges.push(top.pair);
+        with_left.make_room(new_id);
+        with_right.make_room(new_id);
         let merged = pairs
             .remove(&top.pair)
             .expect("a popped live pair is in the table");
@@ -254,8 +270,80 @@ pub fn learn_merges(counts: ChunkCounts, num_merges: usize) -> Vec<Pair> {
                 heap.push(Candidate { count, pair });
             }
         }
+        let percent = merges.len() * 100 / num_merges;
+        if percent > last_percent {
+            last_percent = percent;
+            on_event(Event::Message(format!(
+                "Progress: {percent}% ({}/{num_merges} merges) - Last merge: {:?} -> {new_id} (frequency: {count})",
+                merges.len(),
+                top.pair
+            )))?;
+        }
     }
-    merges
+    on_event(Event::Message(format!(
+        "Finished training: {} merges completed",
+        merges.len()
+    )))?;
+    Ok(merges)
+}
+
+/// Spans counted per rayon task when the initial pair counts are taken in parallel.
+const SPANS_PER_TASK: usize = 1 << 12;
+
+/// Every pair's count and the chunks it occurs in (ascending), counted on the crate's threads: each tallies
+/// runs of consecutive spans and the tallies are added up in span order.
+fn count_pairs(ids: &[u32], spans: &[Span]) -> FxHashMap<Pair, PairState> {
+    pool::install(|| {
+        spans
+            .par_chunks(SPANS_PER_TASK)
+            .enumerate()
+            .fold(FxHashMap::default, |mut local, (part, run)| {
+                for (i, span) in run.iter().enumerate() {
+                    let w = (part * SPANS_PER_TASK + i) as u32;
+                    for pair in ids[span.range()].windows(2).map(|p| (p[0], p[1])) {
+                        let state: &mut PairState = local.entry(pair).or_default();
+                        state.count += span.weight;
+                        if state.chunks.last() != Some(&w) {
+                            state.chunks.push(w);
+                        }
+                    }
+                }
+                local
+            })
+            .reduce(FxHashMap::default, add_pair_states)
+    })
+}
+
+/// `left` + `right`, where every chunk in `left` comes before every chunk in `right`: chunk lists stay
+/// ascending. The smaller table is walked.
+fn add_pair_states(
+    left: FxHashMap<Pair, PairState>,
+    right: FxHashMap<Pair, PairState>,
+) -> FxHashMap<Pair, PairState> {
+    let from_right = left.len() >= right.len();
+    let (mut into, from) = if from_right {
+        (left, right)
+    } else {
+        (right, left)
+    };
+    for (pair, mut state) in from {
+        match into.entry(pair) {
+            Entry::Vacant(slot) => {
+                slot.insert(state);
+            }
+            Entry::Occupied(mut slot) => {
+                let kept = slot.get_mut();
+                kept.count += state.count;
+                if from_right {
+                    kept.chunks.append(&mut state.chunks);
+                } else {
+                    state.chunks.append(&mut kept.chunks);
+                    kept.chunks = state.chunks;
+                }
+            }
+        }
+    }
+    into
 }
 
 #[derive(Debug, Default)]
@@ -277,7 +365,9 @@ impl Span {
     }
 }
 
-/// Counts and chunk lists of the pairs one merge creates, indexed by the token beside the new id.
+/// Counts and chunk lists of the pairs one merge creates, indexed by the token beside the new id; the
+/// arrays grow by one slot per merge.
+#[derive(Default)]
 struct NewPairs {
     counts: Vec<i64>,
     words: Vec<Vec<u32>>,
@@ -285,12 +375,11 @@ struct NewPairs {
 }
 
 impl NewPairs {
-    fn new(vocab_size: usize) -> Self {
-        NewPairs {
-            counts: vec![0; vocab_size],
-            words: vec![Vec::new(); vocab_size],
-            touched: Vec::new(),
-        }
+    /// Room for every id up to and including `new_id`.
+    fn make_room(&mut self, new_id: u32) {
+        let len = new_id as usize + 1;
+        self.counts.resize(len, 0);
+        self.words.resize_with(len, Vec::new);
     }
 
     /// A chunk's first change to a new pair is always an addition (its removals follow an addition in
@@ -351,5 +440,39 @@ mod tests {
             (long.into_bytes(), 1),
         ];
         assert_eq!(chunks, expected);
+    }
+
+    #[test]
+    fn parallel_pair_counts_equal_a_serial_count() {
+        // enough chunks for many rayon tasks, with pairs shared across tasks
+        let words: Vec<Vec<u32>> = (0..5 * SPANS_PER_TASK as u32)
+            .map(|i| vec![i % 7, i % 5, (i / 3) % 11, i % 7])
+            .collect();
+        let mut ids = Vec::new();
+        let mut spans = Vec::new();
+        for (i, word) in words.iter().enumerate() {
+            spans.push(Span {
+                start: ids.len(),
+                len: word.len(),
+                weight: 1 + (i % 3) as i64,
+            });
+            ids.extend_from_slice(word);
+        }
+        let mut expected: FxHashMap<Pair, PairState> = FxHashMap::default();
+        for (w, span) in spans.iter().enumerate() {
+            for pair in ids[span.range()].windows(2).map(|p| (p[0], p[1])) {
+                let state = expected.entry(pair).or_default();
+                state.count += span.weight;
+                if state.chunks.last() != Some(&(w as u32)) {
+                    state.chunks.push(w as u32);
+                }
+            }
+        }
+        let counted = count_pairs(&ids, &spans);
+        assert_eq!(counted.len(), expected.len());
+        for (pair, state) in &expected {
+            assert_eq!(counted[pair].count, state.count);
+            assert_eq!(counted[pair].chunks, state.chunks, "chunk list of {pair:?}");
+        }
     }
 }
