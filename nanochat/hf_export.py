@@ -1,4 +1,5 @@
-"""Export a nanochat model and tokenizer as a Hugging Face folder that `transformers` loads without custom code.
+"""Export a nanochat model and tokenizer as a Hugging Face folder that `transformers` loads: without custom code
+when its NanoChat class can express the model, else with our own modeling code (`trust_remote_code=True`).
 
     out/
         config.json              model_type "nanochat" (the NanoChat architecture transformers ships)
@@ -10,10 +11,13 @@
 Weights: transformers' NanoChat rotates with `rotate_half(x) = (x2, -x1)`, ours with Llama's `(-x2, x1)`, i.e.
 the opposite angle. Negating the second half of every query and key head (rows of c_q and c_k) turns one into
 the other: QK-norm has no gain, so it commutes with the sign flip, and the flip cancels in q·k. Padded vocab
-rows are dropped. Configurations that architecture cannot express (SwiGLU, learnable norms, no QK-norm, and the
-frontier switches: value embeddings, sliding windows, residual scalars, smear, backout, QK scale) are refused
-with a line that names the setting. The frontier init and compute-dtype embeddings export fine (the weights are
-written in float32 either way).
+rows are dropped. The frontier init and compute-dtype embeddings export natively (weights are float32 either way).
+
+Configurations that architecture cannot express (SwiGLU, learnable norms, no QK-norm, and the frontier switches:
+value embeddings, sliding windows, residual scalars, smear, backout, QK scale) get model_type "nanochat_remote":
+config.json carries our GPTConfig and an auto_map, model.safetensors our own parameter names under `model.`, and
+`modeling_nanochat_remote.py` (nanochat/hf_modeling.py) wraps our GPT, shipped with gpt.py and the modules it
+imports, so transformers runs exactly our forward pass. load_hf_model reads both formats back.
 
 Merges: tiktoken ranks carry no merge list; the merge that made token t is what byte-pair encoding of t's bytes
 with only the ranks below t's leaves: exactly two parts.
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +36,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizerCore
 
-from nanochat.common import UserError, atomic_path, atomic_write, fsync_dir
+from nanochat.common import UserError, atomic_path, atomic_write, fsync_dir, print0
 from nanochat.encoding import BYTE_TO_CHAR
 from nanochat.gpt import GPT
 from nanochat.model_config import GPTConfig
@@ -138,8 +144,8 @@ def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizerCore:
 # ---------------------------------------------------------------------------------------------------------
 # Model
 
-def check_exportable(config: GPTConfig) -> None:
-    """One line naming the first setting transformers' NanoChat architecture cannot express."""
+def native_refusal(config: GPTConfig) -> str | None:
+    """Why transformers' NanoChat architecture cannot express `config` (the first reason), or None."""
     reasons = []
     if config.mlp != "relu2":
         reasons.append(f"its MLP is {config.mlp} (the architecture has ReLU² only)")
@@ -152,15 +158,17 @@ def check_exportable(config: GPTConfig) -> None:
     frontier = [("value_embeds", config.value_embeds), ("window_pattern", any(config.windows)),
                 ("residual_scalars", config.residual_scalars), ("smear", config.smear),
                 ("backout", config.backout), ("qk_scale", config.qk_scale != 1.0)]
-    for switch, on in frontier:
-        if on:
-            reasons.append(f"--{switch} is set (the architecture has no such part); export with the 2025 "
-                           "architecture or keep the nanochat checkpoint")
+    reasons += [f"--{switch} is set (the architecture has no such part)" for switch, on in frontier if on]
     if config.num_heads * config.head_dim != config.model_dim:
         reasons.append(f"num_heads × head_dim ({config.num_heads} × {config.head_dim}) is not model_dim "
                        f"{config.model_dim} (the architecture derives head_dim from them)")
-    if reasons:
-        raise UserError(f"cannot export to the transformers nanochat architecture: {reasons[0]}")
+    return reasons[0] if reasons else None
+
+
+def check_exportable(config: GPTConfig) -> None:
+    reason = native_refusal(config)
+    if reason:
+        raise UserError(f"cannot export to the transformers nanochat architecture: {reason}")
 
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
@@ -222,6 +230,48 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Our own modeling code (trust_remote_code) for what the native class cannot express
+
+REMOTE_MODEL_TYPE = "nanochat_remote"
+REMOTE_MODELING = "modeling_nanochat_remote"
+
+
+def remote_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    eos = tokenizer.encode_special("<|assistant_end|>")
+    classes = f"{REMOTE_MODELING}.NanoChatRemote"
+    return {"architectures": ["NanoChatRemoteForCausalLM"], "model_type": REMOTE_MODEL_TYPE,
+            "auto_map": {"AutoConfig": f"{classes}Config", "AutoModelForCausalLM": f"{classes}ForCausalLM"},
+            "nanochat_config": asdict(config), "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": False,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos, "dtype": "float32"}
+
+
+def remote_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our parameter names under `model.`, float32; a tied lm_head is written as its own copy (safetensors
+    refuses shared storage), so the wrapper loads it untied with equal values."""
+    return {f"model.{name}": t.detach().to("cpu", torch.float32).contiguous().clone()
+            for name, t in model.state_dict().items()}
+
+
+NANOCHAT_IMPORT = re.compile(r"^(\s*)from nanochat\.(\w+) import", re.M)
+
+
+def write_remote_code(directory: Path) -> None:
+    """The wrapper and every nanochat module it reaches, with `from nanochat.x import` made relative
+    (transformers copies the relative imports of a remote modeling file along with it, function-level ones too)."""
+    package = Path(__file__).parent
+    pending, written = [("hf_modeling", f"{REMOTE_MODELING}.py")], set()
+    while pending:
+        module, target = pending.pop()
+        if module in written:
+            continue
+        written.add(module)
+        text = (package / f"{module}.py").read_text(encoding="utf-8")
+        pending += [(name, f"{name}.py") for _, name in NANOCHAT_IMPORT.findall(text)]
+        atomic_write(directory / target, NANOCHAT_IMPORT.sub(r"\1from .\2 import", text))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The folder
 
 def write_json(path: Path, data: dict) -> None:
@@ -246,8 +296,13 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}; "
                         "they do not belong together")
-    config = hf_config(model.config, tokenizer)
-    state = hf_state_dict(model)
+    reason = native_refusal(model.config)
+    if reason is None:
+        config, state = hf_config(model.config, tokenizer), hf_state_dict(model)
+    else:
+        print0(f"transformers' NanoChat cannot express this model: {reason}; writing our own modeling code "
+               "(load with trust_remote_code=True)")
+        config, state = remote_config(model.config, tokenizer), remote_state_dict(model)
     hf_tokenizer = build_hf_tokenizer(tokenizer)
 
     tmp = out.with_name(out.name + ".tmp")
@@ -255,6 +310,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)
     with atomic_path(tmp / "model.safetensors") as path:
         save_file(state, path, metadata={"format": "pt"})
+    if reason is not None:
+        write_remote_code(tmp)
     write_json(tmp / "config.json", config)
     write_json(tmp / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],

@@ -1,7 +1,8 @@
 """Import a Llama-family Hugging Face checkpoint (safetensors + config.json + tokenizer.json) into nanochat.
 
 Supported: `model_type` "llama" (Llama 2/3 layout, also TinyLlama and SmolLM) and "nanochat" (transformers'
-NanoChat, e.g. a folder written by `scripts.export`). Llama maps onto GPTConfig's switches: SwiGLU MLP with
+NanoChat, e.g. a folder written by `scripts.export`), plus "nanochat_remote" (our own export of a model the
+native class cannot express: its config.json holds our GPTConfig, its weights our names). Llama maps onto GPTConfig's switches: SwiGLU MLP with
 its hidden size, learnable RMSNorm gains, no QK-norm, no embedding norm, no soft-cap, its rope theta and tied
 embeddings. Llama in transformers rotates with the same half-split convention as ours, so q/k weights copy
 over as they are; NanoChat's are sign-flipped back (see hf_export). Anything else (biases, rope scaling,
@@ -29,8 +30,8 @@ from tokenizers import Tokenizer as HFTokenizerCore
 from nanochat.checkpoint import CHECKPOINT_DIRS, build_model, checkpoint_dir, complete_steps, save_checkpoint
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.encoding import RANKS_FILE, SPECIAL_TOKENS, HFEncoding, is_hf_encoding_dir
+from nanochat.hf_export import REMOTE_MODEL_TYPE, flip_rotary_halves
 from nanochat.model_config import GPTConfig
-from nanochat.hf_export import flip_rotary_halves
 from nanochat.tokenizer import Tokenizer
 
 
@@ -212,8 +213,12 @@ def load_hf_model(model_dir: str | Path, device="cpu"):
         raise UserError(f"{model_dir / 'config.json'} has no valid vocab_size")
     encoding, added = HFEncoding.with_our_specials(tokenizer_json, bos_id, eos_id, model_vocab)
     tokenizer = Tokenizer(encoding)
-    config = import_config(hf, model_vocab + len(added))
-    state = import_state(read_hf_weights(model_dir), hf, config, eos_id, len(added))
+    if hf.get("model_type") == REMOTE_MODEL_TYPE:  # our own export: our config and parameter names
+        config = GPTConfig(**hf["nanochat_config"])
+        state = {name.removeprefix("model."): t for name, t in read_hf_weights(model_dir).items()}
+    else:
+        config = import_config(hf, model_vocab + len(added))
+        state = import_state(read_hf_weights(model_dir), hf, config, eos_id, len(added))
     model = build_model({"model_config": asdict(config)}, torch.device(device), model_state=state)
     model.eval()
     return model, tokenizer, hf
