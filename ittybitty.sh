@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+: "${DATA_SOURCE:=climbmix}"         # or fineweb (FineWeb-Edu); each source has its own base_data/<source>/
 : "${NPROC_PER_NODE:=1}"
-: "${NUM_SHARDS:=12}"
 : "${VOCAB_SIZE:=24576}"
 : "${DEPTH:=4}"
 : "${MODEL_DIM:=512}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The full run on one 8xH100 node in about four hours: FineWeb-Edu shards, a 65536-token tokenizer,
-# a d20 base model (~560M params, 20 tokens per parameter), mid-training, SFT, evals and the report card.
+# The full run on one 8xH100 node in about four hours: ClimbMix shards (DATA_SOURCE=fineweb for FineWeb-Edu),
+# a 65536-token tokenizer, a d20 base model (~560M params, 20 tokens per parameter), mid-training, SFT, evals and the report card.
 #   bash speedrun.sh                                   # one node, 8 GPUs
 #   WANDB_RUN=speedrun bash speedrun.sh                # log to wandb
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash speedrun.sh   # on each node, NODE_RANK 0 and 1
@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+: "${DATA_SOURCE:=climbmix}"         # or fineweb (FineWeb-Edu); each source has its own base_data/<source>/
 : "${NPROC_PER_NODE:=8}"
-: "${NUM_SHARDS:=240}"
 : "${VOCAB_SIZE:=65536}"
 : "${DEPTH:=20}"
 : "${DEVICE_BATCH_SIZE:=32}"

@@ -17,6 +17,7 @@ from nanochat.chat_data import PackedChatBatches, PaddedChatBatches, evaluate_ch
 from nanochat.checkpoint import checkpoint_dir, load_model, newest_tag, source_dir
 from nanochat.common import (DistInfo, UserError, autodetect_device_type, decide_on_rank0, init_distributed, print0,
                              seed_everything)
+from nanochat.download import OfflineFlags
 from nanochat.flags import TrainFlags, flag
 from nanochat.optim import OptimFlags, setup_optimizers
 from tasks.arithmetic import Arithmetic
@@ -28,7 +29,7 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
 
 
 @dataclass
-class StageFlags(OptimFlags, TrainFlags):
+class StageFlags(OfflineFlags, OptimFlags, TrainFlags):
     """Where a chat stage starts and how fast it learns."""
     step: int = flag(-1, "step of the --source checkpoint to start from; -1 = newest")
     max_seq_len: int = flag(-1, "tokens per row; -1 = the model's max_seq_len")

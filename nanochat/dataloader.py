@@ -33,6 +33,7 @@ produced. States saved before packing had a name (version 1) were "crop" states 
 from __future__ import annotations
 
 import bisect
+import math
 import queue
 from collections import deque
 import threading
@@ -44,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError
-from nanochat.shards import MAKE_SHARDS_HINT, read_row_group, row_groups
+from nanochat.shards import MAKE_SHARDS_HINT, data_dir, read_row_group, row_groups, split_shards
 
 STATE_VERSION = 2
 PACKINGS = ("continue", "crop")
@@ -148,7 +149,8 @@ class PretrainLoader:
         self.split, self.device, self.doc_mask, self.packing = split, torch.device(device), doc_mask, packing
         self.rank, self.world_size = rank, world_size
         self.buffer_docs = max(1, buffer_docs)
-        all_groups = row_groups(split, directory)
+        self.directory = directory or data_dir()
+        all_groups = row_groups(split, self.directory)
         if len(all_groups) >= world_size:
             self.groups, doc_slices = all_groups[rank::world_size], None
         else:  # too few row groups (a small val shard): every rank reads them all, keeping every w-th document
@@ -277,8 +279,8 @@ class PretrainLoader:
             return [path.name, group]
 
         cursor_doc = self.pending_first + self.pending_index
-        return {"version": STATE_VERSION, "packing": self.packing, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "epoch": self.epoch, "shard": where(self.position)[0],
+        return {"version": STATE_VERSION, "packing": self.packing, "data": self.directory.name, "split": self.split,
+                "rank": self.rank, "world_size": self.world_size, "epoch": self.epoch, "shard": where(self.position)[0],
                 "row_group": where(self.position)[1], "doc": cursor_doc,
                 "buffer": [where(pos) + [doc] for pos, doc in self.refs],
                 "continued": [where(pos) + [doc, first] for _, (pos, doc, first) in self.continued],
@@ -293,6 +295,9 @@ class PretrainLoader:
         if packing != self.packing:
             raise UserError(f"loader state was saved with packing {packing}, this run packs with {self.packing}; "
                             f"resume with --packing {packing}")
+        if state.get("data", self.directory.name) != self.directory.name:
+            raise UserError(f"loader state was saved reading {state['data']}/, this run reads {self.directory}; "
+                            f"resume with --data_source {state['data']}")
         if (state["world_size"], state["rank"], state["split"]) != (self.world_size, self.rank, self.split):
             raise UserError(f"loader state was saved by rank {state['rank']} of {state['world_size']} "
                             f"({state['split']}); resume with the same number of ranks")
@@ -330,3 +335,40 @@ class PretrainLoader:
 
     def __del__(self):
         self.close()
+
+
+def measure_shard_yield(tokenizer, directory: Path | None, seq_len: int, packing: str,
+                        sample_groups: int = 4, sample_tokens: int = 1_000_000) -> float:
+    """Training tokens one train shard yields with this tokenizer and packing: tokens per document (BOS
+    included) on the first `sample_groups` row groups × documents per train shard × the share packing keeps
+    (all with "continue"; measured over ~sample_tokens with "crop")."""
+    loader = PretrainLoader(tokenizer, batch_size=8, seq_len=seq_len, directory=directory, packing=packing)
+    try:
+        sample = [doc for position in range(min(sample_groups, len(loader.groups)))
+                  for doc in loader.tokenize_group(position)]
+        kept = 1.0
+        if packing == "crop":
+            for _ in range(max(1, sample_tokens // (8 * seq_len))):
+                next(loader)
+            kept -= dropped_percent(loader.stats()) / 100
+    finally:
+        loader.close()
+    shards = split_shards("train", directory)
+    docs_per_shard = sum(pq.ParquetFile(path).metadata.num_rows for path in shards) / len(shards)
+    return sum(len(doc) for doc in sample) / len(sample) * docs_per_shard * kept
+
+
+def train_shards_needed(tokens: int, shard_yield: float, margin: float = 0.1) -> int:
+    """Train shards to hold `tokens` training tokens once, plus `margin` of spare."""
+    return max(1, math.ceil(tokens * (1 + margin) / shard_yield))
+
+
+def repeat_warning(tokens: int, shard_yield: float, num_shards: int) -> str | None:
+    """A loud line when a run would read its train shards more than once; None when they suffice."""
+    available = shard_yield * num_shards
+    if tokens <= available:
+        return None
+    return (f"WARNING: this run trains on {tokens:,} tokens but the {num_shards} train shard(s) yield "
+            f"~{available:,.0f} ({shard_yield:,.0f} per shard, measured): it will repeat data "
+            f"~{tokens / available:.1f}x; download at least {train_shards_needed(tokens, shard_yield)} train shards "
+            "(python -m nanochat.dataset --source NAME -n N) to see each token once")

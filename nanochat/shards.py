@@ -3,11 +3,20 @@
 A shard is parquet with one string column `text`, one document per row, row groups of 1024 documents, zstd,
 page checksums. The highest-numbered shard of a directory is the validation split; every other one is training
 data. `nanochat.dataset` is the command line that fills `$NANOCHAT_BASE_DIR/base_data/`.
+
+Each source has its own directory, so two sources never mix in one split:
+
+    base_data/climbmix/shard_NNNNN.parquet    base_data/fineweb/...    base_data/demo/...    base_data/custom/...
+
+`data_dir(source)` names one; `data_dir()` (every stage's `--data_source ""`) picks the only source present.
+Shards written before sources had directories (`base_data/shard_*.parquet`) are that only source, named "".
 """
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,16 +24,44 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.common import UserError, atomic_path, get_base_dir
+from nanochat.flags import flag
 
 MAKE_SHARDS_HINT = ("make shards with `python -m nanochat.dataset -n 8` (download), "
                     "`--from_text PATH` (your own text) or `--source demo` (offline)")
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 ROW_GROUP_DOCS = 1024
 MAX_DOC_CHARS = 20_000
 CORPUS_SHARD_MB = 64.0
 
 
-def data_dir() -> Path:
-    return get_base_dir() / "base_data"
+@dataclass
+class DataSourceFlags:
+    """The flag of every stage that reads pretraining shards."""
+    data_source: str = flag("", "pretraining data under base_data/ (climbmix, fineweb, demo, custom); "
+                                "empty = the only one there")
+
+
+def sources_present() -> list[str]:
+    """Sources with shards under base_data/, sorted; "" is the old flat layout (shards right in base_data/)."""
+    root = get_base_dir() / "base_data"
+    if not root.is_dir():
+        return []
+    flat = [""] if list_shards(root) else []
+    return flat + sorted(d.name for d in root.iterdir() if d.is_dir() and list_shards(d))
+
+
+def data_dir(source: str = "") -> Path:
+    """base_data/<source>/; with no source, the directory of the only source present."""
+    root = get_base_dir() / "base_data"
+    if source:
+        if not SOURCE_NAME.match(source):
+            raise UserError(f"--data_source must be a plain name such as climbmix or fineweb, got {source!r}")
+        return root / source
+    present = sources_present()
+    if len(present) > 1:
+        names = ", ".join(name or "base_data/ itself (old layout)" for name in present)
+        raise UserError(f"base_data holds several sources ({names}); pick one with --data_source NAME")
+    return root / present[0] if present else root
 
 
 def shard_name(index: int) -> str:
@@ -125,11 +162,10 @@ def write_shard(texts: list[str], path: Path) -> Path:
     return path
 
 
-def write_corpus_shards(documents: Iterable[str], directory: Path | None = None, shard_mb: float = CORPUS_SHARD_MB,
+def write_corpus_shards(documents: Iterable[str], directory: Path, shard_mb: float = CORPUS_SHARD_MB,
                         seed: int = 42, val_fraction: float = 0.1, overwrite: bool = False) -> list[Path]:
     """Split long documents, shuffle with `seed`, and write train shards of ~shard_mb MB of UTF-8 text each
-    plus a last validation shard of min(one shard, val_fraction of the corpus)."""
-    directory = directory or data_dir()
+    plus a last validation shard of min(one shard, val_fraction of the corpus), into `directory`."""
     docs = [piece for doc in tqdm(documents, desc="reading", unit="doc") if doc.strip()
             for piece in split_long_document(doc)]
     if len(docs) < 2:

@@ -15,11 +15,12 @@ from nanochat.checkpoint import load_model, newest_tag, source_dir
 from nanochat.common import (UserError, autodetect_device_type, barrier, cleanup_distributed, get_base_dir,
                              init_distributed, print0, resolve_dtype)
 from nanochat.core_eval import bundle_dir, download_bundle, evaluate_core, load_bundle, write_results_csv
+from nanochat.download import OfflineFlags
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 
 
 @dataclass
-class BaseEvalFlags(RuntimeFlags, CheckpointFlags):
+class BaseEvalFlags(OfflineFlags, RuntimeFlags, CheckpointFlags):
     max_per_task: int = flag(-1, "items per task (a fixed shuffle's first N); -1 = all")
     batch_size: int = flag(32, "sequences per forward pass; lower it if you run out of memory")
     bundle: str = flag("", "eval bundle directory; empty = $NANOCHAT_BASE_DIR/eval_bundle")

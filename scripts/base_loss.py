@@ -15,9 +15,10 @@ from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.shards import DataSourceFlags, data_dir
 
 @dataclass
-class BaseLossFlags(RuntimeFlags, CheckpointFlags):
+class BaseLossFlags(DataSourceFlags, RuntimeFlags, CheckpointFlags):
     device_batch_size: int = flag(32, "rows per forward pass per rank; lower it if you run out of memory")
     split_tokens: int = flag(20 * 524288, "tokens to evaluate per split (train and val), all ranks together")
     sample_tokens: int = flag(16, "tokens to generate greedily per sample prompt; 0 = no samples")
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> None:
                         f"max_seq_len × ranks = {tokens_per_step} tokens; use a multiple of {tokens_per_step}")
     num_steps = flags.split_tokens // tokens_per_step
     bpb = {}
+    directory = data_dir(flags.data_source)
     for split in ("train", "val"):
         loader = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, split, dist.device,
-                                dist.rank, dist.world_size)
+                                dist.rank, dist.world_size, directory=directory)
         try:
             bpb[split] = evaluate_bpb(model, loader, num_steps, tokenizer.token_bytes())
         finally:

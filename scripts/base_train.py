@@ -16,7 +16,7 @@ from nanochat import report
 from nanochat.checkpoint import checkpoint_dir, create_model, meta_model
 from nanochat.common import (UserError, autodetect_device_type, broadcast_parameters, cleanup_distributed,
                              init_distributed, print0, seed_everything)
-from nanochat.dataloader import PACKINGS, PretrainLoader, describe_stats
+from nanochat.dataloader import PACKINGS, PretrainLoader, describe_stats, measure_shard_yield, repeat_warning
 from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.model_config import ModelFlags, model_config
@@ -25,11 +25,12 @@ from nanochat.fp8 import enable_fp8
 from nanochat.optim import OptimFlags, setup_optimizers, training_schedule
 from nanochat.recipes import DEFAULT_RECIPE, RECIPES
 from nanochat.schedules import auto_batch_size, batch_scaling, warmup_warmdown
+from nanochat.shards import DataSourceFlags, data_dir, split_shards
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import Eval, grad_accum_steps, train
 
 @dataclass
-class BaseTrainFlags(ModelFlags, OptimFlags, TrainFlags):
+class BaseTrainFlags(DataSourceFlags, ModelFlags, OptimFlags, TrainFlags):
     """Pretrain a GPT from scratch on the base_data shards."""
     recipe: str = flag(DEFAULT_RECIPE, "named defaults for the flags below (nanochat/recipes.py); explicit flags win",
                        tuple(RECIPES))
@@ -121,11 +122,20 @@ def val_bpb(model, tokenizer, flags: BaseTrainFlags, dist, seq_len: int) -> floa
     """Bits per byte on the first --eval_tokens of the val split (the same tokens at every evaluation)."""
     steps = max(1, flags.eval_tokens // (flags.device_batch_size * seq_len * dist.world_size))
     loader = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "val", dist.device, dist.rank,
-                            dist.world_size)
+                            dist.world_size, directory=data_dir(flags.data_source))
     try:
         return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
     finally:
         loader.close()
+
+
+def warn_if_data_repeats(tokenizer, flags: BaseTrainFlags, tokens: int, seq_len: int, is_master: bool) -> None:
+    if not is_master:
+        return
+    directory = data_dir(flags.data_source)
+    shard_yield = measure_shard_yield(tokenizer, directory, seq_len, flags.packing)
+    warning = repeat_warning(tokens, shard_yield, len(split_shards("train", directory)))
+    print0(warning or f"data: {directory} yields ~{shard_yield:,.0f} tokens per train shard; {tokens:,} fit once")
 
 
 def print_samples(model, tokenizer, is_master: bool) -> None:
@@ -179,10 +189,12 @@ def main(argv: list[str] | None = None) -> None:
            f"{matrix_decay:.4g}; checkpoints in {out_dir}")
     if flags.fp8:
         print0(f"fp8: {enable_fp8(model, dist.device)} linear layers in float8")
+    warn_if_data_repeats(tokenizer, flags, num_iterations * total_batch, seq_len, dist.is_master)
 
     optimizers = setup_optimizers(model, flags, lr_scale, matrix_decay)
     batches = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "train", dist.device, dist.rank,
-                             dist.world_size, doc_mask=flags.doc_mask, packing=flags.packing)
+                             dist.world_size, doc_mask=flags.doc_mask, directory=data_dir(flags.data_source),
+                             packing=flags.packing)
     warmup = flags.warmup_steps if flags.warmup_steps != -1 else round(flags.warmup_ratio * num_iterations)
     lr = warmup_warmdown(num_iterations, warmup, flags.warmdown_ratio, flags.final_lr_frac)
     schedule = training_schedule(flags, num_iterations, lr, flags.warmdown_ratio)

@@ -16,11 +16,12 @@ from nanochat.chat_eval import (BASELINES, TASK_NAMES, build_task, chatcore, par
 from nanochat.checkpoint import CHECKPOINT_DIRS, load_model
 from nanochat.common import UserError, autodetect_device_type, cleanup_distributed, init_distributed, print0, resolve_dtype
 from nanochat.core_eval import centered
+from nanochat.download import OfflineFlags
 from nanochat.engine import Engine, SamplingParams
 from nanochat.flags import CheckpointFlags, RuntimeFlags, flag, parse_flags, run_main
 
 @dataclass
-class ChatEvalFlags(RuntimeFlags, CheckpointFlags):
+class ChatEvalFlags(OfflineFlags, RuntimeFlags, CheckpointFlags):
     source: str = flag("sft", "checkpoint to evaluate", tuple(CHECKPOINT_DIRS), short="-i")
     task_name: str = flag("", "tasks separated by |, e.g. 'ARC-Easy|GSM8K'; empty = all", short="-a")
     num_samples: int = flag(1, "samples per generative problem; a problem is solved if any passes (pass@n)",

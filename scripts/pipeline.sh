@@ -3,9 +3,9 @@
 # every size below is an environment variable, so tests run the same pipeline at tiny scale on CPU.
 # Sourced (not executed) by the top-level scripts after they set their defaults.
 
-: "${DATA_SOURCE:=download}"        # download (FineWeb-Edu shards + public chat/eval data) | demo (package index)
-: "${NUM_SHARDS:=240}"              # pretraining shards to download (plus the validation shard)
-: "${FIRST_SHARDS:=8}"              # downloaded before the tokenizer; the rest follow in the background
+: "${DATA_SOURCE:=climbmix}"        # climbmix | fineweb (shards + public chat/eval data downloaded) | demo (package index)
+: "${FIRST_SHARDS:=8}"              # downloaded before the tokenizer; the rest (as many as base_train's token
+                                    # budget needs, scripts/shard_plan.py) follow in the background
 : "${VOCAB_SIZE:=65536}"
 : "${TOK_MAX_CHARS:=2000000000}"
 : "${DEPTH:=20}"
@@ -54,6 +54,18 @@ launch() {
     fi
 }
 
+# Wait for a background job started with `> $NANOCHAT_BASE_DIR/NAME.log 2> ....err`: show what it printed,
+# and the end of its errors when it failed.
+wait_for() {
+    local pid="$1" name="$2" status=0
+    wait "$pid" || status=$?
+    cat "$NANOCHAT_BASE_DIR/$name.log"
+    if [ "$status" != 0 ]; then
+        tail -n 5 "$NANOCHAT_BASE_DIR/$name.err" >&2
+    fi
+    return "$status"
+}
+
 run_pipeline() {
     # shellcheck source=scripts/setup.sh
     source scripts/setup.sh
@@ -61,25 +73,37 @@ run_pipeline() {
     source scripts/stages.sh
     echo "pipeline: base dir $NANOCHAT_BASE_DIR; data $DATA_SOURCE; model $MODEL_TAG; $NNODES node(s) x $NPROC_PER_NODE process(es)"
 
+    # base_train's run length and data: shard_plan derives the shard count from the same flags
+    local base_flags=("${MODEL_FLAGS[@]}" --data_source="$DATA_SOURCE" --device_batch_size="$DEVICE_BATCH_SIZE"
+                      --total_batch_size="$TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS")
     setup_stage report_reset python -m nanochat.report reset
-    local shard_pid=""
+    local shard_pid="" prefetch_pid=""
     if [ "$DATA_SOURCE" = demo ]; then
         setup_stage demo_data python -m nanochat.dataset --source demo --what all
     else
-        setup_stage shards_first python -m nanochat.dataset -n "$FIRST_SHARDS"
-        if [ ! -f "$PIPELINE_MARKS/shards_all.done" ] && [ "$NODE_RANK" = 0 ]; then
-            python -m nanochat.dataset -n "$NUM_SHARDS" > "$NANOCHAT_BASE_DIR/shards_download.log" 2>&1 &
-            shard_pid=$!
+        if [ ! -f "$PIPELINE_MARKS/prefetch.done" ] && [ "$NODE_RANK" = 0 ]; then
+            python -m scripts.prefetch > "$NANOCHAT_BASE_DIR/prefetch.log" 2> "$NANOCHAT_BASE_DIR/prefetch.err" &
+            prefetch_pid=$!
         fi
+        setup_stage shards_first python -m nanochat.dataset --source "$DATA_SOURCE" -n "$FIRST_SHARDS"
     fi
-    setup_stage tok_train python -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS"
+    setup_stage tok_train python -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS" \
+        --data_source="$DATA_SOURCE"
+    if [ "$DATA_SOURCE" != demo ] && [ ! -f "$PIPELINE_MARKS/shards_all.done" ] && [ "$NODE_RANK" = 0 ]; then
+        python -m scripts.shard_plan "${base_flags[@]}" > "$NANOCHAT_BASE_DIR/shard_plan.log" \
+            2> "$NANOCHAT_BASE_DIR/shard_plan.err" &
+        shard_pid=$!
+    fi
     setup_stage tok_eval python -m scripts.tok_eval
-    if [ "$DATA_SOURCE" != demo ]; then
-        setup_stage eval_bundle python -m scripts.base_eval --download_only
+    if [ -n "$prefetch_pid" ]; then
+        echo "pipeline: waiting for the task data and CORE bundle (log: $NANOCHAT_BASE_DIR/prefetch.err)"
+        stage prefetch wait_for "$prefetch_pid" prefetch
+    elif [ "$DATA_SOURCE" != demo ] && [ "$NODE_RANK" != 0 ]; then
+        setup_stage prefetch true
     fi
     if [ -n "$shard_pid" ]; then
-        echo "pipeline: waiting for the remaining shards (log: $NANOCHAT_BASE_DIR/shards_download.log)"
-        stage shards_all wait "$shard_pid"
+        echo "pipeline: waiting for the remaining shards (log: $NANOCHAT_BASE_DIR/shard_plan.err)"
+        stage shards_all wait_for "$shard_pid" shard_plan
     elif [ "$DATA_SOURCE" != demo ] && [ "$NODE_RANK" != 0 ]; then
         setup_stage shards_all true
     fi
@@ -89,26 +113,26 @@ run_pipeline() {
 
     local train=(--run="$WANDB_RUN" --model_tag="$MODEL_TAG")
     # shellcheck disable=SC2046  # resume_flag prints nothing or one word
-    stage base_train launch scripts.base_train "${MODEL_FLAGS[@]}" "${train[@]}" \
-        --device_batch_size="$DEVICE_BATCH_SIZE" --total_batch_size="$TOTAL_BATCH_SIZE" \
-        --num_iterations="$BASE_ITERS" --eval_every="$BASE_EVAL_EVERY" --eval_tokens="$BASE_EVAL_TOKENS" \
-        --save_every="$BASE_SAVE_EVERY" \
+    stage base_train launch scripts.base_train "${base_flags[@]}" "${train[@]}" \
+        --eval_every="$BASE_EVAL_EVERY" --eval_tokens="$BASE_EVAL_TOKENS" --save_every="$BASE_SAVE_EVERY" \
         $(resume_flag "$MODEL_TAG" base_checkpoints)
     stage base_loss launch scripts.base_loss --model_tag="$MODEL_TAG" --device_batch_size="$DEVICE_BATCH_SIZE" \
-        --split_tokens="$LOSS_SPLIT_TOKENS"
-    stage base_eval launch scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
+        --split_tokens="$LOSS_SPLIT_TOKENS" --data_source="$DATA_SOURCE"
+    # from here on nothing is downloaded: --offline names any file that prefetch (or demo_data) did not provide
+    stage base_eval launch scripts.base_eval --offline --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
     # shellcheck disable=SC2046
-    stage mid_train launch scripts.mid_train "${train[@]}" --device_batch_size="$MID_DEVICE_BATCH_SIZE" \
-        --total_batch_size="$TOTAL_BATCH_SIZE" --num_iterations="$MID_ITERS" $(resume_flag "$MODEL_TAG" mid_checkpoints)
-    stage chat_eval_mid launch scripts.chat_eval -i mid --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
+    stage mid_train launch scripts.mid_train "${train[@]}" --offline --device_batch_size="$MID_DEVICE_BATCH_SIZE" \
+        --total_batch_size="$TOTAL_BATCH_SIZE" --num_iterations="$MID_ITERS" \
+        $(resume_flag "$MODEL_TAG" mid_checkpoints)
+    stage chat_eval_mid launch scripts.chat_eval --offline -i mid --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
     # shellcheck disable=SC2046
-    stage chat_sft launch scripts.chat_sft "${train[@]}" --device_batch_size="$SFT_DEVICE_BATCH_SIZE" \
+    stage chat_sft launch scripts.chat_sft "${train[@]}" --offline --device_batch_size="$SFT_DEVICE_BATCH_SIZE" \
         --num_iterations="$SFT_ITERS" $(resume_flag "$MODEL_TAG" chatsft_checkpoints)
-    stage chat_eval_sft launch scripts.chat_eval -i sft --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
+    stage chat_eval_sft launch scripts.chat_eval --offline -i sft --model_tag="$MODEL_TAG" -x "$CHAT_EVAL_MAX"
     if [ "$RUN_RL" = 1 ]; then
         # shellcheck disable=SC2046
-        stage chat_rl launch scripts.chat_rl "${train[@]}" $(resume_flag "$MODEL_TAG" chatrl_checkpoints)
-        stage chat_eval_rl launch scripts.chat_eval -i rl --model_tag="$MODEL_TAG" -a GSM8K -x "$CHAT_EVAL_MAX"
+        stage chat_rl launch scripts.chat_rl "${train[@]}" --offline $(resume_flag "$MODEL_TAG" chatrl_checkpoints)
+        stage chat_eval_rl launch scripts.chat_eval --offline -i rl --model_tag="$MODEL_TAG" -a GSM8K -x "$CHAT_EVAL_MAX"
     fi
     python -m nanochat.report generate --gpu_hourly_cost="$GPU_HOURLY_COST"
     local source=sft

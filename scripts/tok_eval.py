@@ -2,7 +2,8 @@
 
     python -m scripts.tok_eval
 
-Measured on a slice of the train and val shards and on built-in samples of prose, code, math and non-English
+Measured on a slice of the train and val shards of every pretraining source in base_data/ (e.g. ClimbMix and
+FineWeb-Edu side by side, so a user sees what changing the source does) and on built-in samples of prose, code, math and non-English
 text, against GPT-2 and cl100k (when tiktoken can load them: they are downloaded once, so a machine without
 internet leaves those columns out and says so) and against our tokenizers saved as
 `$NANOCHAT_BASE_DIR/tokenizer_<name>/` (e.g. other vocab sizes, via `tok_train --output_dir`).
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from nanochat import report
+from nanochat import download, report
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.shards import iter_text_batches
+from nanochat.download import OfflineFlags
 from nanochat.encoding import META_FILE
 from nanochat.flags import flag, parse_flags, run_main
+from nanochat.shards import data_dir, iter_text_batches, sources_present
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 SAMPLES = {
@@ -58,18 +60,19 @@ REFERENCE_ENCODINGS = ("gpt2", "cl100k_base")
 
 
 @dataclass
-class TokEvalFlags:
+class TokEvalFlags(OfflineFlags):
     max_chars: int = flag(1_000_000, "characters of each split (train, val) to measure; -1 = the whole split")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_chars == 0 or self.max_chars < -1:
             raise UserError(f"--max_chars must be >= 1 or -1 (all), got {self.max_chars}")
 
 
-def split_sample(split: str, max_chars: int) -> str:
-    """The first max_chars characters of a split, documents joined by newlines."""
+def split_sample(split: str, max_chars: int, source: str) -> str:
+    """The first max_chars characters of a source's split, documents joined by newlines."""
     parts, total = [], 0
-    for batch in iter_text_batches(split):
+    for batch in iter_text_batches(split, directory=data_dir(source)):
         for text in batch:
             parts.append(text)
             total += len(text) + 1
@@ -88,6 +91,9 @@ def load_encoders() -> tuple[dict[str, Callable[[str], list[int]]], list[str]]:
             variant = Tokenizer.load(directory)
             encoders[f"{directory.name} ({variant.vocab_size})"] = variant.encode
     for name in REFERENCE_ENCODINGS:
+        if download.offline:
+            notes.append(f"{name} left out: --offline (tiktoken downloads the encoding once)")
+            continue
         try:
             encoders[name] = tiktoken.get_encoding(name).encode_ordinary
         except Exception as exc:  # whatever stops the download or cache read only drops this column
@@ -99,8 +105,9 @@ def load_encoders() -> tuple[dict[str, Callable[[str], list[int]]], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     flags = parse_flags(TokEvalFlags, argv)
     encoders, notes = load_encoders()
-    texts = {"train": split_sample("train", flags.max_chars), "val": split_sample("val", flags.max_chars),
-             **SAMPLES}
+    texts = {f"{source or 'base_data'} {split}": split_sample(split, flags.max_chars, source)
+             for source in sources_present() for split in ("train", "val")}
+    texts.update(SAMPLES)
     header = ["text", "bytes"] + [f"{name} bytes/token" for name in encoders]
     rows = []
     for label, text in texts.items():

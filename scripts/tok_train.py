@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from nanochat import report
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.shards import iter_text_batches, split_shards
+from nanochat.shards import DataSourceFlags, data_dir, iter_text_batches, split_shards
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @dataclass
-class TokTrainFlags:
+class TokTrainFlags(DataSourceFlags):
     vocab_size: int = flag(65536, "tokens in the vocabulary, the special tokens included")
     max_chars: int = flag(2_000_000_000, "stop after this many characters of training text; -1 = all shards")
     doc_cap: int = flag(10_000, "use at most this many characters of each document; -1 = whole documents")
@@ -43,9 +43,9 @@ class TokTrainFlags:
                 raise UserError(f"--{name} must be >= 1 or -1 (no limit), got {value}")
 
 
-def training_texts(max_chars: int, doc_cap: int, progress: tqdm, counts: dict) -> Iterator[str]:
+def training_texts(directory: Path, max_chars: int, doc_cap: int, progress: tqdm, counts: dict) -> Iterator[str]:
     """Documents from the training shards, each capped at doc_cap chars, until max_chars have been yielded."""
-    for batch in iter_text_batches("train"):
+    for batch in iter_text_batches("train", directory=directory):
         for text in batch:
             if doc_cap != -1:
                 text = text[:doc_cap]
@@ -68,12 +68,13 @@ def peak_rss_mb() -> float:
 def main(argv: list[str] | None = None) -> None:
     flags = parse_flags(TokTrainFlags, argv)
     output_dir = Path(flags.output_dir) if flags.output_dir else get_base_dir() / "tokenizer"
-    split_shards("train")  # missing shards stop here with the fix, before the progress bar starts
+    directory = data_dir(flags.data_source)
+    split_shards("train", directory)  # missing shards stop here with the fix, before the progress bar starts
     counts = {"chars": 0, "docs": 0}
     start = time.time()
     with tqdm(total=None if flags.max_chars == -1 else flags.max_chars, unit="char", unit_scale=True,
               desc="splitting and counting", file=sys.stdout) as progress:
-        tok = Tokenizer.train_from_iterator(training_texts(flags.max_chars, flags.doc_cap, progress, counts),
+        tok = Tokenizer.train_from_iterator(training_texts(directory, flags.max_chars, flags.doc_cap, progress, counts),
                                             flags.vocab_size)
     wall_time = time.time() - start
     if counts["chars"] == 0:
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lengths = tok.token_bytes()[:tok.bos_token_id].float()
     stats = {
+        "data": str(directory.relative_to(get_base_dir())),
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": flags.vocab_size,
         "train_docs": counts["docs"],

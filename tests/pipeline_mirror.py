@@ -2,11 +2,12 @@
 
     site = build_mirror(tmp_path / "site", shared_data)
     with FileServer(site) as server:
-        env = mirror_env(server.url())      # NANOCHAT_DATA_URL, NANOCHAT_EVAL_BUNDLE_URL, HF_ENDPOINT
+        env = mirror_env(server.url())      # NANOCHAT_EVAL_BUNDLE_URL, HF_ENDPOINT
 
 Layout served (paths as the real sources use them):
-- `shards/shard_{index:05d}.parquet`: shared shards 0.. under train indexes 0.., the shared validation shard
-  (the last one) under index 1822, the index `python -m nanochat.dataset` asks for last;
+- `datasets/<repo>/resolve/main/shard_{index:05d}.parquet` for each pretraining source (ClimbMix, FineWeb-Edu):
+  shared shards 0.. under train indexes 0.., the shared validation shard (the last one) under the source's
+  validation index, the index `python -m nanochat.dataset --source NAME` asks for last;
 - `eval_bundle.zip`: the shared `core/` folder under a top-level `eval_bundle/`, as the public zip has it;
 - the Hub's `api/datasets/<repo>/tree/main/<subdir>` listings and `datasets/<repo>/resolve/main/<path>` parquet
   files for every dataset the chat stages and chat_eval fetch, converted from the shared jsonl rows into each
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.download import FINEWEB_VAL_INDEX
+from nanochat.download import PRETRAIN_SOURCES
 
 CHAT_ROWS = {"train": 240, "test": 40}
 EVAL_ROWS = 40
@@ -104,18 +105,21 @@ def build_bundle_zip(path: Path, core: Path) -> None:
                 archive.write(file, Path("eval_bundle") / file.relative_to(core))
 
 
-def build_shards(directory: Path, pretrain: Path) -> None:
-    """Train shards keep their indexes; the shared validation shard is served as index 1822."""
-    directory.mkdir(parents=True, exist_ok=True)
+def build_shards(site: Path, pretrain: Path) -> None:
+    """Per source, train shards keep their indexes; the shared validation shard is served at the source's
+    validation index."""
     shards = sorted(pretrain.glob("shard_*.parquet"))
-    for index, shard in enumerate(shards[:-1]):
-        (directory / f"shard_{index:05d}.parquet").symlink_to(shard)
-    (directory / f"shard_{FINEWEB_VAL_INDEX:05d}.parquet").symlink_to(shards[-1])
+    for source in PRETRAIN_SOURCES.values():
+        directory = site / "datasets" / source.repo / "resolve" / "main"
+        directory.mkdir(parents=True, exist_ok=True)
+        for index, shard in enumerate(shards[:-1]):
+            (directory / f"shard_{index:05d}.parquet").symlink_to(shard)
+        (directory / f"shard_{source.val_index:05d}.parquet").symlink_to(shards[-1])
 
 
 def build_mirror(site: Path, shared: Path) -> Path:
     site.mkdir(parents=True, exist_ok=True)
-    build_shards(site / "shards", shared / "pretrain")
+    build_shards(site, shared / "pretrain")
     build_bundle_zip(site / "eval_bundle.zip", shared / "core")
     build_hub(site, shared)
     return site
@@ -123,6 +127,5 @@ def build_mirror(site: Path, shared: Path) -> Path:
 
 def mirror_env(url: str) -> dict[str, str]:
     """The environment that points every download at the mirror served from `url` (ending in /)."""
-    return {"NANOCHAT_DATA_URL": url + "shards/shard_{index:05d}.parquet",
-            "NANOCHAT_EVAL_BUNDLE_URL": url + "eval_bundle.zip",
+    return {"NANOCHAT_EVAL_BUNDLE_URL": url + "eval_bundle.zip",
             "HF_ENDPOINT": url.rstrip("/")}

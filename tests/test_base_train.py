@@ -56,6 +56,7 @@ def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
            if "val_bpb" in line]
     assert len(bpb) == 3 and bpb[-1] < bpb[0]
     assert "GFLOP/s" in out and "tok/s" in out and "sample: 'The capital of France is" in out
+    assert re.search(r"^data: .*base_data yields ~[\d,]+ tokens per train shard; 7,680 fit once$", out, re.M)
     data = re.search(r"^data: read ([\d,]+) tokens, trained ([\d,]+) \(0\.0 % dropped\), epoch \d+$", out, re.M)
     assert data, out[-2000:]
     read, trained = (int(group.replace(",", "")) for group in data.groups())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataloader import PretrainLoader, dropped_percent
+from nanochat.dataloader import (PretrainLoader, dropped_percent, measure_shard_yield, repeat_warning,
+                                 train_shards_needed)
 from nanochat.shards import read_row_group
 from nanochat.tokenizer import Tokenizer
 
@@ -220,10 +221,26 @@ def test_clear_errors(corpus, base_dir):
     with pytest.raises(UserError, match="saved with packing crop, this run packs with continue; resume with "
                                         "--packing crop"):
         make(corpus).load_state_dict(make(corpus, packing="crop").state_dict())
+    with pytest.raises(UserError, match="saved reading fineweb/, this run reads .*; resume with --data_source fineweb"):
+        make(corpus).load_state_dict({**make(corpus).state_dict(), "data": "fineweb"})
     with pytest.raises(UserError, match="packing must be one of continue, crop, got 'fill'"):
         make(corpus, packing="fill")
     with pytest.raises(UserError, match="python -m nanochat.dataset"):
         PretrainLoader(corpus[1], batch_size=1, seq_len=8)  # base_dir has no shards
+
+
+def test_shard_yield_and_repeat_warning(corpus):
+    directory, tokenizer = corpus
+    all_docs = sum(len(doc) for position in range(12) for doc in make(corpus).tokenize_group(position))
+    exact = measure_shard_yield(tokenizer, directory, 64, "continue", sample_groups=12)
+    assert exact == pytest.approx(all_docs / 2)  # two train shards, every token trained
+    cropped = measure_shard_yield(tokenizer, directory, 64, "crop", sample_groups=12, sample_tokens=20_000)
+    assert cropped < 0.8 * exact  # documents of ~270 tokens cropped to rows of 65 lose most of their tokens
+    assert repeat_warning(int(2 * exact), exact, 2) is None
+    warning = repeat_warning(int(5 * exact), exact, 2)
+    assert warning.startswith("WARNING: this run trains on ") and "repeat data ~2.5x" in warning
+    assert f"download at least {train_shards_needed(int(5 * exact), exact)} train shards" in warning
+    assert train_shards_needed(1000, 100.0) == 11 and train_shards_needed(1000, 100.0, margin=0) == 10
 
 
 def test_state_saved_before_packing_had_a_name_resumes_as_crop(corpus):

@@ -15,6 +15,7 @@ import pytest
 from nanochat import dataset, download, shards
 from nanochat.common import UserError
 from nanochat.download import DownloadError
+from tests.pipeline_mirror import build_mirror
 
 
 def shard_texts(path):
@@ -31,16 +32,16 @@ def test_download_shards_with_faults(base_dir, shared_data, file_server):
     server.add_faults("shard_00001.parquet", "cut", "bad_length")
     server.add_faults("shard_00012.parquet", "truncate")
     template = server.url("shard_{index:05d}.parquet")
-    paths = download.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
+    paths = download.download_shards(2, url_template=template, num_workers=2, val_index=12, backoff_s=0.01)
     assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00012.parquet"]
-    assert names(base_dir / "base_data") == [p.name for p in paths]
+    assert names(base_dir / "base_data" / "climbmix") == [p.name for p in paths]
     for path in paths:
         assert path.read_bytes() == (shared_data / "pretrain" / path.name).read_bytes()
     assert [p.name for p in shards.split_shards("val")] == ["shard_00012.parquet"]
     # Valid shards are skipped; a damaged one is fetched again.
     paths[1].write_bytes(b"PAR1 not really")
     before = len(server.requests)
-    download.download_shards(2, template, num_workers=2, val_index=12, backoff_s=0.01)
+    download.download_shards(2, url_template=template, num_workers=2, val_index=12, backoff_s=0.01)
     assert [name for name, _ in server.requests[before:]] == ["shard_00001.parquet"]
     assert shard_texts(paths[1]) == shard_texts(shared_data / "pretrain" / "shard_00001.parquet")
 
@@ -49,20 +50,53 @@ def test_download_failure_leaves_only_complete_shards(base_dir, shared_data, fil
     server = file_server(shared_data / "pretrain")
     server.add_faults("shard_00001.parquet", *["truncate"] * 3)
     with pytest.raises(DownloadError, match="shard_00001.parquet after 3 tries: .*failed validation"):
-        download.download_shards(2, server.url("shard_{index:05d}.parquet"), num_workers=1, val_index=12,
-                                retries=2, backoff_s=0.01)
-    left = names(base_dir / "base_data")
+        download.download_shards(2, url_template=server.url("shard_{index:05d}.parquet"), num_workers=1,
+                                 val_index=12, retries=2, backoff_s=0.01)
+    left = names(base_dir / "base_data" / "climbmix")
     assert "shard_00001.parquet" not in left and not [n for n in left if n.endswith(".tmp")]
     for name in left:
-        pq.ParquetFile(base_dir / "base_data" / name)
+        pq.ParquetFile(base_dir / "base_data" / "climbmix" / name)
 
 
 def test_download_cli_uses_env_mirror(base_dir, shared_data, file_server, monkeypatch, capsys):
     server = file_server(shared_data / "pretrain")
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url("shard_{index:05d}.parquet"))
     dataset.main(["-n", "1", "-w", "2", "--val_index", "12"])
-    assert names(base_dir / "base_data") == ["shard_00000.parquet", "shard_00012.parquet"]
+    assert names(base_dir / "base_data" / "climbmix") == ["shard_00000.parquet", "shard_00012.parquet"]
     assert "validation: shard_00012.parquet" in capsys.readouterr().out
+
+
+def test_both_sources_download_into_their_own_directories_from_the_hub_mirror(base_dir, shared_data, file_server,
+                                                                               monkeypatch, capsys):
+    server = file_server(build_mirror(base_dir.parent / "mirror", shared_data))
+    monkeypatch.setenv("HF_ENDPOINT", server.url().rstrip("/"))
+    dataset.main(["--source", "fineweb", "-n", "2"])
+    dataset.main(["-n", "1"])  # the default source is ClimbMix
+    assert names(base_dir / "base_data" / "fineweb") == ["shard_00000.parquet", "shard_00001.parquet",
+                                                          "shard_01822.parquet"]
+    assert names(base_dir / "base_data" / "climbmix") == ["shard_00000.parquet", "shard_06542.parquet"]
+    requested = {name for name, _ in server.requests}
+    assert {"datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_01822.parquet",
+            "datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_06542.parquet"} <= requested
+    assert shards.sources_present() == ["climbmix", "fineweb"]
+    assert [p.name for p in shards.split_shards("val", shards.data_dir("fineweb"))] == ["shard_01822.parquet"]
+    with pytest.raises(UserError, match=r"several sources \(climbmix, fineweb\); pick one with --data_source"):
+        shards.split_shards("train")
+    with pytest.raises(UserError, match="--source fineweb downloads shards: say how many train shards with -n N"):
+        dataset.main(["--source", "fineweb"])
+
+
+def test_old_flat_base_data_is_read_alone_and_named_beside_a_new_source(base_dir, shared_data):
+    flat = base_dir / "base_data"
+    flat.mkdir()
+    for index in (0, 12):
+        (flat / f"shard_{index:05d}.parquet").symlink_to(shared_data / "pretrain" / f"shard_{index:05d}.parquet")
+    assert shards.data_dir() == flat and [p.name for p in shards.split_shards("train")] == ["shard_00000.parquet"]
+    (flat / "demo").mkdir()
+    (flat / "demo" / "shard_00000.parquet").symlink_to(shared_data / "pretrain" / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"several sources \(base_data/ itself \(old layout\), demo\)"):
+        shards.data_dir()
+    assert shards.data_dir("demo") == flat / "demo"
 
 
 def test_bad_url_template_and_flags():
@@ -159,7 +193,7 @@ def test_ctrl_c_mid_download_leaves_no_partial_shard(base_dir, shared_data, file
     process = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "2", "-w", "3", "--val_index", "12",
                                 "--url_template", server.url("shard_{index:05d}.parquet")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    data = base_dir / "base_data"
+    data = base_dir / "base_data" / "climbmix"
     deadline = time.monotonic() + 60
     while not (data.is_dir() and any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in data.iterdir())):
         assert time.monotonic() < deadline and process.poll() is None, process.communicate()

@@ -3,16 +3,21 @@ ittybitty.sh users run, every download served by a loopback mirror of ../shared/
 re-runs that skip finished stages, an interrupted base_train that resumes, and bash -n + shellcheck."""
 from __future__ import annotations
 
+import importlib
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from nanochat import download
+from nanochat.flags import parse_flags
 from tests.http_fixtures import FileServer
 from tests.pipeline_mirror import build_mirror, mirror_env
 
@@ -25,7 +30,7 @@ REPORT_COPIES = ("report.md", "train_loss.png", "val_bpb.png")
 PIPELINE_TIMEOUT_S = 600
 
 TINY_SIZES = {
-    "NUM_SHARDS": "3", "FIRST_SHARDS": "2", "VOCAB_SIZE": "512", "TOK_MAX_CHARS": "1000000",
+    "FIRST_SHARDS": "2", "VOCAB_SIZE": "512", "TOK_MAX_CHARS": "1000000",
     "DEPTH": "1", "MODEL_DIM": "32", "HEAD_DIM": "16", "MAX_SEQ_LEN": "64",
     "DEVICE_BATCH_SIZE": "4", "TOTAL_BATCH_SIZE": "512", "BASE_ITERS": "6", "BASE_EVAL_EVERY": "3",
     "BASE_EVAL_TOKENS": "1024", "BASE_SAVE_EVERY": "3", "MID_ITERS": "3", "SFT_ITERS": "3",
@@ -34,15 +39,23 @@ TINY_SIZES = {
     "RUN_RL": "0", "OMP_NUM_THREADS": "1",
 }
 # every stage a finished run skips by name (the background shard download is not even started again)
-SKIPPED_STAGES = ("report_reset", "shards_first", "tok_train", "tok_eval", "eval_bundle", "base_train", "base_loss",
+SKIPPED_STAGES = ("report_reset", "shards_first", "tok_train", "tok_eval", "base_train", "base_loss",
                   "base_eval", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft")
+PREFETCHED = ("SmolTalk train", "SmolTalk val", "MMLU auxiliary_train", "MMLU test", "GSM8K train", "GSM8K test",
+              "ARC-Easy train", "ARC-Easy test", "ARC-Challenge train", "ARC-Challenge test", "HumanEval",
+              "CORE bundle tasks")
 
 
 @pytest.fixture(scope="module")
-def mirror(tmp_path_factory, shared_data):
+def mirror_server(tmp_path_factory, shared_data):
     site = build_mirror(tmp_path_factory.mktemp("mirror"), shared_data)
     with FileServer(site) as server:
-        yield mirror_env(server.url())
+        yield server
+
+
+@pytest.fixture
+def mirror(mirror_server):
+    return mirror_env(mirror_server.url())
 
 
 @pytest.fixture
@@ -88,21 +101,34 @@ def assert_everything_skipped(output: str) -> None:
     skipped = re.findall(r"^== \[(\w+)\] already done", output, re.M)
     assert set(skipped) == set(SKIPPED_STAGES), f"not skipped on the re-run: {set(SKIPPED_STAGES) - set(skipped)}"
     assert not re.search(r"^== \[\w+\] (launch|python|wait)", output, re.M), "a stage ran again"
-    assert "waiting for the remaining shards" not in output
+    assert "waiting for the remaining shards" not in output and "waiting for the task data" not in output
 
 
 @pytest.mark.slow
-def test_speedrun_on_two_torchrun_ranks_end_to_end_then_rerun_skips(tmp_path, mirror, keep_repo_report):
+def test_speedrun_on_two_torchrun_ranks_end_to_end_then_rerun_skips(tmp_path, mirror, mirror_server,
+                                                                    keep_repo_report):
     base_dir = tmp_path / "base"
     env = pipeline_env(base_dir, mirror, NPROC_PER_NODE="2")
     output = run_script("speedrun.sh", env)
     assert "1 node(s) x 2 process(es)" in output and "2 rank(s) on cpu" in output
     assert_finished(base_dir, output)
-    assert len(list((base_dir / "base_data").glob("shard_*.parquet"))) == 4  # 3 train + the validation shard
+    # every task dataset was fetched and checked before base_train, and every later stage ran --offline
+    base_train_at = output.index("== [base_train] launch")
+    for name in PREFETCHED:
+        assert re.search(rf"^prefetch: {re.escape(name)} \(.*\): [1-9][\d,]*$", output[:base_train_at], re.M), name
+    assert re.search(r"^== \[chat_sft\] launch scripts\.chat_sft .*--offline", output, re.M)
+    plan = re.search(r"^plan: 6 steps \(--num_iterations\) × 512 = 3,072 tokens; ([\d,]+) tokens per climbmix "
+                     r"train shard \(measured, --packing continue\) -> (\d+) train shards", output, re.M)
+    assert plan, output[-4000:]
+    assert int(plan.group(2)) == math.ceil(3072 * 1.1 / int(plan.group(1).replace(",", "")))
+    shards = sorted(p.name for p in (base_dir / "base_data" / "climbmix").glob("shard_*.parquet"))
+    assert shards == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]  # FIRST_SHARDS + val
 
     started = time.monotonic()
+    requests_before = len(mirror_server.requests)
     rerun = run_script("speedrun.sh", env)
     assert_everything_skipped(rerun)
+    assert len(mirror_server.requests) == requests_before, "the re-run fetched something from the net"
     assert time.monotonic() - started < 90, "the re-run should skip every stage quickly"
 
 
@@ -136,6 +162,46 @@ def test_ittybitty_killed_in_base_train_resumes_and_finishes(tmp_path, mirror, k
     assert newest_step(base_dir, "base_checkpoints").name == "step_000120"
     assert "1 node(s) x 1 process(es)" in output and "1 rank(s) on cpu" in output
     assert_finished(base_dir, output)
+
+
+@pytest.mark.parametrize("module, flags_class", [
+    ("nanochat.dataset", "DatasetFlags"), ("scripts.prefetch", "PrefetchFlags"), ("scripts.shard_plan", "ShardPlanFlags"),
+    ("scripts.tok_eval", "TokEvalFlags"), ("scripts.base_eval", "BaseEvalFlags"), ("scripts.mid_train", "MidFlags"),
+    ("scripts.chat_sft", "SFTFlags"), ("scripts.chat_rl", "RLFlags"), ("scripts.chat_eval", "ChatEvalFlags")])
+def test_every_stage_that_downloads_takes_offline(module, flags_class, monkeypatch):
+    cls = getattr(importlib.import_module(module), flags_class)
+    argv = ["--data_source=climbmix"] if module == "scripts.shard_plan" else ["-n", "1"] \
+        if module == "nanochat.dataset" else []
+    monkeypatch.setattr(download, "offline", False)
+    parse_flags(cls, [*argv, "--offline"])
+    assert download.offline
+    parse_flags(cls, argv)
+    assert not download.offline
+
+
+def run_module(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=PIPELINE_TIMEOUT_S)
+
+
+def test_prefetch_fetches_every_task_file_once_and_offline_names_what_is_missing(tmp_path, mirror, mirror_server):
+    env = {**os.environ, **mirror, "NANOCHAT_BASE_DIR": str(tmp_path)}
+    missing = run_module("scripts.prefetch", "--offline", env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert re.match(r"error: offline: .*chat_data/.* is missing or damaged \(it comes from http://127\.0\.0\.1:\d+/"
+                    r".*\); fetch it once with the network \(`python -m scripts.prefetch`", missing.stderr)
+    fetched = run_module("scripts.prefetch", env=env)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    for name in PREFETCHED:
+        assert re.search(rf"^prefetch: {re.escape(name)} \(.*\): [1-9][\d,]*$", fetched.stdout, re.M), name
+    requests = len(mirror_server.requests)
+    again = run_module("scripts.prefetch", "--offline", env=env)
+    assert again.returncode == 0 and again.stdout == fetched.stdout, again.stderr[-3000:]
+    assert len(mirror_server.requests) == requests
+    shards = run_module("nanochat.dataset", "--source", "fineweb", "-n", "1", "--offline", env=env)
+    assert shards.returncode == 2 and re.search(r"^error: offline: .*fineweb/shard_0\d+\.parquet is missing", shards.stderr,
+                                                re.M), shards.stderr
+    assert len(mirror_server.requests) == requests
 
 
 def run_stages(base_dir: Path, body: str) -> subprocess.CompletedProcess:

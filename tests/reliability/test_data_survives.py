@@ -85,8 +85,8 @@ def test_download_fetches_damaged_local_shards_again(pristine, tmp_path, file_se
         shutil.copy(shard, local / shard.name)
         damage(local / shard.name)
     last = len(shards) - 1
-    paths = download_shards(last, server.url("shard_{index:05d}.parquet"), num_workers=2, val_index=last,
-                            directory=local, retries=0)
+    paths = download_shards(last, url_template=server.url("shard_{index:05d}.parquet"), num_workers=2,
+                            val_index=last, directory=local, retries=0)
     assert [p.name for p in paths] == [s.name for s in shards]
     for shard in shards:
         assert (local / shard.name).read_bytes() == shard.read_bytes()
@@ -100,7 +100,7 @@ def test_a_served_shard_that_is_not_parquet_is_refused_by_name(tmp_path, file_se
         text_named_parquet(served / shard_name(index))
     server = file_server(served)
     with pytest.raises(UserError, match=r"could not download .*shard_00000\.parquet.*failed validation"):
-        download_shards(1, server.url("shard_{index:05d}.parquet"), num_workers=1, val_index=1,
+        download_shards(1, url_template=server.url("shard_{index:05d}.parquet"), num_workers=1, val_index=1,
                         directory=tmp_path / "local", retries=1, backoff_s=0)
     assert not list((tmp_path / "local").glob("*.parquet"))
 
@@ -121,7 +121,7 @@ def test_non_utf8_file_in_a_folder_is_skipped_with_a_note(base_dir, tmp_path, ca
     (folder / "bad.txt").write_bytes(b"\xff\xfe broken \x80 bytes " * 20)
     dataset_main(["--from_text", str(folder), "--shard_mb=0.001"])
     assert "skipped 1 non-UTF-8 files" in capsys.readouterr().err
-    texts = [t for p in sorted((base_dir / "base_data").glob("*.parquet"))
+    texts = [t for p in sorted((base_dir / "base_data" / "custom").glob("*.parquet"))
              for t in pq.read_table(p).column("text").to_pylist()]
     assert len(texts) == 4 and all(t.startswith("document number") for t in texts)
 
