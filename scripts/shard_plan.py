@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     config = model_config(flags, tokenizer.vocab_size)
     model = meta_model(config)
     total_batch = batch_plan(flags, model, tokenizer.vocab_size)[0]
-    steps, why = resolve_num_iterations(flags, ratio_param_count(flags, model), model.estimate_flops(config.max_seq_len),
-                                        total_batch)
+    flops_per_token = model.estimate_flops(config.max_seq_len)
+    steps, why = resolve_num_iterations(flags, ratio_param_count(flags, model), flops_per_token, total_batch)
     tokens = steps * total_batch
     shard_yield = measure_shard_yield(tokenizer, data_dir(flags.data_source), config.max_seq_len, flags.packing)
     needed = train_shards_needed(tokens, shard_yield, flags.margin)
