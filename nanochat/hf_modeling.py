@@ -4,6 +4,7 @@ models transformers' own NanoChat class cannot express (the frontier switches, S
 their `nanochat.` imports made relative, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 runs exactly our forward pass. Nothing in nanochat imports this module; transformers is not a dependency.
 """
+import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -33,6 +34,10 @@ class NanoChatRemoteForCausalLM(PreTrainedModel, GenerationMixin):
             module.init_rotary()  # non-persistent rotary tables; every weight comes from model.safetensors
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-        """Logits for the whole sequence (no KV cache: generate() recomputes each step)."""
-        loss = None if labels is None else self.model(input_ids[:, :-1], labels[:, 1:])
-        return CausalLMOutput(loss=loss, logits=self.model(input_ids))
+        """Logits for the whole sequence (no KV cache: generate() recomputes each step); with `labels`, the
+        mean next-token loss over labels != -100 (transformers' convention)."""
+        logits = self.model(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)

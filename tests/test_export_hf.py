@@ -126,10 +126,13 @@ def test_tied_export_and_reimport_round_trip(tmp_path, tokenizer, texts):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval()
     reimported, hf_tokenizer, _ = load_hf_model(tmp_path / "tied")
     ids = torch.tensor([tokenizer.encode(texts["val"][5], prepend="<|bos|>")[:100]])
+    labels = ids.clone()
+    labels[:, :5] = -100
     with torch.no_grad():
-        ours = model(ids)
-        assert (ours - hf_model(ids).logits).abs().max().item() <= 1e-4
+        ours, theirs = model(ids), hf_model(ids, labels=labels)
+        assert (ours - theirs.logits).abs().max().item() <= 1e-4
         assert (ours - reimported(ids)).abs().max().item() <= 1e-4
+        assert theirs.loss.item() == pytest.approx(model(ids[:, :-1], labels[:, 1:].clamp(min=-1)).item(), abs=1e-4)
     assert hf_tokenizer.special_tokens == tokenizer.special_tokens
     assert hf_tokenizer.encode(texts["val"][6]) == tokenizer.encode(texts["val"][6])
 
@@ -160,10 +163,13 @@ def test_every_switch_exports_with_our_logits_and_reimports(tmp_path, tokenizer,
                                                                  trust_remote_code=case in REMOTE).eval()
     reimported, _, _ = load_hf_model(tmp_path / "out")
     ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[:, :5] = -100
     with torch.no_grad():
-        ours = model(ids)
-        assert (ours - hf_model(ids).logits).abs().max().item() <= 1e-4
+        ours, theirs = model(ids), hf_model(ids, labels=labels)
+        assert (ours - theirs.logits).abs().max().item() <= 1e-4
         assert (ours - reimported(ids)).abs().max().item() <= 1e-4
+        assert theirs.loss.item() == pytest.approx(model(ids[:, :-1], labels[:, 1:].clamp(min=-1)).item(), abs=1e-4)
 
 
 def test_cli_refuses_a_non_empty_out_dir_in_one_line(exported, tmp_path):
