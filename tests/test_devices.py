@@ -342,3 +342,11 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == ("error: bench/gpu_check.sh needs a CUDA GPU and torch sees none; on CPU run the test "
                              "suite instead\n")
+
+
+def test_accumulator_dtype_is_float32_only_on_mps():
+    assert common.accumulator_dtype("mps") == torch.float32
+    assert common.accumulator_dtype(torch.device("cuda", 1)) == torch.float64
+    assert common.accumulator_dtype("cpu") == torch.float64
+    total = common.sum_across_ranks([3, 4], "cpu")  # one process: no collective, just the tensor
+    assert total.dtype == torch.float64 and total.tolist() == [3.0, 4.0]
