@@ -82,3 +82,18 @@ def test_flex_traces_inside_a_compiled_model():
     compiled = torch.compile(lambda q, k, v, doc_ids: attention.flex(q, k, v, 9, doc_ids), dynamic=False)
     with torch.no_grad():
         assert torch.allclose(compiled(q, k, v, doc_ids), reference(q, k, v, 9, doc_ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window, doc_ids", [(None, None), (5, None), (None, DOC_IDS)])
+def test_gqa_with_masks_runs_a_fused_cpu_kernel(dtype, window, doc_ids):
+    """Never SDPA's math kernel (B·H·T² scores), forward or backward, whatever the mask, dtype or GQA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv(kv_heads=2))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        attend(q, k, v, window=window, doc_ids=doc_ids).sum().backward()
+    kernels = {event.key for event in prof.key_averages()}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= kernels
+    assert not any("math" in name for name in kernels)
