@@ -273,8 +273,8 @@ def load_tensors_only(directory: Path, name: str, meta: dict, device) -> object:
     try:
         return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{directory / name} holds objects that weights_only loading refuses, so it is not loaded (it may "
-                        "run code); use another step (--resume_from_step)") from exc
+        raise UserError(f"{directory / name} holds objects that weights_only loading refuses, so it is not loaded "
+                        "(it may run code); use another step (--resume_from_step)") from exc
 
 
 def load_checkpoint(tag_dir: Path, step: int, device, rank: int = 0, load_optimizer: bool = True) -> Checkpoint:

@@ -84,7 +84,8 @@ def auth_headers(url: str) -> dict[str, str]:
     endpoint = urlparse(hf_endpoint())
     to_endpoint = (host, parsed.port) == (endpoint.hostname, endpoint.port)
     # only over https: on plain http anyone on the path reads the token
-    if token and parsed.scheme == "https" and (to_endpoint or any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS)):
+    to_hub = any(host == h or host.endswith("." + h) for h in TOKEN_HOSTS)
+    if token and parsed.scheme == "https" and (to_endpoint or to_hub):
         return {"Authorization": f"Bearer {token}"}
     return {}
 

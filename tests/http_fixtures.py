@@ -8,8 +8,8 @@ Faults: "503" (status 503, empty body), "404", "cut" (full Content-Length, half 
 closes), "truncate" (first half of the file served as a complete 200 with a matching Content-Length),
 "bad_length" (Content-Length one byte larger than the body, then close), "slow" (the whole file in 64 KiB
 pieces 50 ms apart, for interrupting a download midway), "trickle" (one byte every 20 ms, never finishing in a
-test's time), "no_length" (the whole file without Content-Length, ended by closing the connection). Every request's path and headers are recorded in
-`server.requests`.
+test's time), "no_length" (the whole file without Content-Length, ended by closing the connection). Every
+request's path and headers are recorded in `server.requests`.
 """
 from __future__ import annotations
 

@@ -200,7 +200,8 @@ def create_app(load: Callable[[], LoadedModel], settings: ServerSettings | None 
             return JSONResponse({"status": "ok"})
         if state["error"] is not None:
             # the exception text may name paths and settings: only a caller holding the key (if one is set) sees it
-            message = str(state["error"]) if key_matches(settings.api_key, request.headers) else "the model failed to load; see the server log"
+            message = (str(state["error"]) if key_matches(settings.api_key, request.headers)
+                       else "the model failed to load; see the server log")
             return JSONResponse({"status": "error", "message": message}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 

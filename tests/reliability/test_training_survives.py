@@ -202,7 +202,8 @@ def test_one_rank_failing_to_save_stops_every_rank_with_the_same_line(corpus, tm
     logs = tmp_path / "logs"
     # a long monitor interval: each rank must stop by itself, not because torchrun killed it after the other left
     command = torchrun_cmd(2, "--monitor-interval=30", f"--log-dir={logs}", "--redirects=3", "--no-python",
-                           sys.executable, "-c", RANK_ONE_CANNOT_WRITE, *RUN_ARGS, "--device_batch_size=2", "--model_tag=rank_fails",
+                           sys.executable, "-c", RANK_ONE_CANNOT_WRITE, *RUN_ARGS, "--device_batch_size=2",
+                           "--model_tag=rank_fails",
                            "--num_iterations=4")
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(corpus), timeout=300)
