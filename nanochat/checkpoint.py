@@ -128,11 +128,15 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
     rank = get_rank()
     final = step_dir(tag_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
+
+    def make_tmp() -> None:
         tag_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(tag_dir)
         tmp.mkdir()
-    barrier()
+
+    # each step ends in an exchange of errors, not a bare barrier: a rank that failed tells the others, so every
+    # rank stops with the same line instead of the healthy ones waiting forever for it
+    stop_if_any_rank_failed(failed_write(make_tmp) if rank == 0 else None, tag_dir, tmp, step)
     own_files = [tmp / f"optim_rank{rank}.pt", tmp / f"rng_rank{rank}.pt"]
 
     def write_own_files() -> None:
@@ -144,8 +148,6 @@ def save_checkpoint(tag_dir: Path, step: int, model: GPT, optimizers: list, meta
         for path in own_files:
             fsync_file(path)
 
-    # in place of a barrier: a rank that failed tells the others, so every rank stops with the same line instead
-    # of the healthy ones waiting forever for it
     stop_if_any_rank_failed(failed_write(write_own_files), tag_dir, tmp, step)
     error = None
     if rank == 0:
