@@ -179,6 +179,13 @@ def test_every_stage_that_downloads_takes_offline(module, flags_class, monkeypat
     assert not download.offline
 
 
+def test_shard_plan_needs_a_source_to_download(tmp_path):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
+    result = run_module("scripts.shard_plan", "--depth=1", env=env)
+    assert result.returncode == 2
+    assert result.stderr == "error: --data_source must name a source to download (climbmix, fineweb), got ''\n"
+
+
 def run_module(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=PIPELINE_TIMEOUT_S)
