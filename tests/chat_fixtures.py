@@ -35,13 +35,12 @@ def make_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, tag: str = "d2", 
     import torch
 
     from nanochat.checkpoint import checkpoint_dir, create_model, save_checkpoint
-    from nanochat.gpt import GPTConfig
+    from tests.model_cases import tiny_config
 
     tokenizer.save(base_dir / "tokenizer")
     torch.manual_seed(seed)
-    config = GPTConfig(depth=depth, model_dim=model_dim, num_heads=model_dim // 16, num_kv_heads=model_dim // 16,
-                       head_dim=16, max_seq_len=seq_len, vocab_size=tokenizer.vocab_size)
-    model = create_model(config, "cpu")
+    model = create_model(tiny_config(tokenizer.vocab_size, depth=depth, model_dim=model_dim, max_seq_len=seq_len),
+                         "cpu")
     return save_checkpoint(checkpoint_dir("base", tag), 0, model, [], {}, {})
 
 

@@ -9,20 +9,17 @@ import torch
 from nanochat import common
 from nanochat.checkpoint import build_model
 from nanochat.flags import RuntimeFlags, parse_flags
-from nanochat.gpt import GPTConfig
 from nanochat.hf_export import hf_state_dict
+from tests.model_cases import SWITCH_CASES, tiny_config
 
 ARCHITECTURES = {
-    "nanochat": {},
+    **SWITCH_CASES,
     "llama": dict(mlp="swiglu", mlp_hidden_dim=88, norm_weight=True, qk_norm=False, embed_norm=False, softcap=0.0),
-    "tied": dict(tie_embeddings=True),
 }
 
 
 def meta_for(**overrides) -> dict:
-    config = GPTConfig(depth=2, model_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=32,
-                       vocab_size=100, **overrides)
-    return {"model_config": asdict(config)}
+    return {"model_config": asdict(tiny_config(**{**dict(head_dim=8, num_kv_heads=2), **overrides}))}
 
 
 @pytest.mark.parametrize("argv, expected", [
