@@ -77,8 +77,10 @@ def optimizer_state_elements(model: GPT) -> int:
     return total
 
 
-def block_activation_bytes(config: GPTConfig, autocast: bool) -> float:
-    """Bytes autograd keeps per token for one block."""
+def block_activation_bytes(config: GPTConfig, autocast: bool, expanded_kv: bool = False) -> float:
+    """Bytes autograd keeps per token for one block. `expanded_kv`: GQA's k/v copied out to every query head
+    (nanochat.attention does so on CUDA in float32, where SDPA would otherwise take its T×T math kernel), and
+    SDPA keeps those copies."""
     dim, dim_q = config.model_dim, config.num_heads * config.head_dim
     dim_kv = config.num_kv_heads * config.head_dim
     qk = 2 if config.qk_norm else 1  # with QK-norm both the rotary output and the normed q/k are kept
@@ -87,6 +89,8 @@ def block_activation_bytes(config: GPTConfig, autocast: bool) -> float:
     residual = 2 * dim  # block input and mid-block residual, fp32 even under autocast
     normed = 2 * dim if not autocast else dim * (3 + (2 if config.mlp == "swiglu" else 1))
     other = qk * (dim_q + dim_kv) + dim_kv + 2 * dim_q + hidden + gains
+    if expanded_kv and dim_kv < dim_q:
+        other += 2 * dim_q
     width = 2 if autocast else FP32
     return FP32 * residual + width * (normed + other)
 
@@ -101,8 +105,10 @@ def switch_activation_bytes(config: GPTConfig, autocast: bool) -> float:
 
 
 def estimate_memory(config: GPTConfig, device_batch_size: int, seq_len: int | None = None, autocast: bool = False,
-                    activation_checkpointing: bool = False, world_size: int = 1) -> MemoryEstimate:
-    """Peak bytes on one device for a training step (fp32 master weights; `autocast` = bf16 compute)."""
+                    activation_checkpointing: bool = False, world_size: int = 1,
+                    expanded_kv: bool = False) -> MemoryEstimate:
+    """Peak bytes on one device for a training step (fp32 master weights; `autocast` = bf16 compute;
+    `expanded_kv` = a float32 run on CUDA with GQA, see block_activation_bytes)."""
     seq_len = seq_len or config.max_seq_len
     model = meta_model(config)
     counts = model.num_params()
@@ -111,7 +117,7 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, seq_len: int | No
     narrow = (FP32 - 2) * (counts["embedding"] + counts["value_embeds"]) if (
         config.compute_dtype_embeddings and autocast) else 0
     tokens = device_batch_size * seq_len
-    block = tokens * block_activation_bytes(config, autocast)
+    block = tokens * block_activation_bytes(config, autocast, expanded_kv)
     stem = tokens * (FP32 * config.model_dim * 3 + switch_activation_bytes(config, autocast))
     vocab = config.padded_vocab_size
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)

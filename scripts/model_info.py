@@ -31,7 +31,8 @@ class ModelInfoFlags(ModelFlags):
     total_batch_size: int = flag(524288, "tokens per optimizer step (for the step count)")
     target_param_data_ratio: float = flag(20.0, "training tokens per parameter")
     world_size: int = flag(1, "ranks in the run (they split the optimizer state)")
-    dtype: str = flag("bfloat16", "compute dtype: bfloat16 (autocast, as on GPU) or float32 (as on CPU)",
+    dtype: str = flag("bfloat16", "compute dtype: bfloat16 (autocast, GPUs with native bf16) or float32 (older GPUs, "
+                                   "with GQA's k/v counted expanded; CPU)",
                       choices=("bfloat16", "float32"))
     activation_checkpointing: bool = flag(False, "the setting --vram_gb and --check_free_vram judge")
     vram_gb: float = flag(-1.0, "memory per device in GiB: print the largest device batch that fits; -1 = off")
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{max(1, round(tokens / flags.total_batch_size)):,} steps of {flags.total_batch_size:,} tokens, "
           f"{flops * tokens:.3e} FLOPs")
     autocast = flags.dtype == "bfloat16"
-    settings = dict(autocast=autocast, world_size=flags.world_size)
+    # a float32 run with GQA on CUDA expands k/v to every head (nanochat.attention); count it
+    settings = dict(autocast=autocast, world_size=flags.world_size, expanded_kv=not autocast)
     print(f"peak memory per device at --device_batch_size {flags.device_batch_size} ({flags.dtype} compute, "
           f"{flags.world_size} rank(s)):")
     for checkpointing in (False, True):

@@ -350,3 +350,15 @@ def test_accumulator_dtype_is_float32_only_on_mps():
     assert common.accumulator_dtype("cpu") == torch.float64
     total = common.sum_across_ranks([3, 4], "cpu")  # one process: no collective, just the tensor
     assert total.dtype == torch.float64 and total.tolist() == [3.0, 4.0]
+
+
+def test_memory_estimate_counts_gqa_kv_expanded_for_float32_on_cuda():
+    from nanochat.sizing import estimate_memory
+    from tests.model_cases import tiny_config
+
+    config = tiny_config(1024, depth=4, model_dim=256, head_dim=64, num_kv_heads=1, max_seq_len=512)
+    flash = estimate_memory(config, 8)
+    expanded = estimate_memory(config, 8, expanded_kv=True)
+    assert expanded.activations - flash.activations == 8 * 512 * config.depth * 4 * 2 * 256  # fp32 k and v copies
+    no_gqa = tiny_config(1024, depth=4, model_dim=256, head_dim=64, max_seq_len=512)
+    assert estimate_memory(no_gqa, 8, expanded_kv=True).activations == estimate_memory(no_gqa, 8).activations
