@@ -265,6 +265,24 @@ def test_damaged_newest_checkpoint_is_refused_and_resume_uses_the_previous(corpu
         assert complete_steps(tag_dir(corpus, tag))[-1] == 6
 
 
+@pytest.mark.slow
+def test_two_ranks_agree_to_skip_a_step_whose_damage_only_one_rank_reads(corpus):
+    """Each rank loads only its own optimizer file, so rank 1 alone sees the damage; both must fall back together."""
+    args = [*RUN_ARGS, "--device_batch_size=2", "--model_tag=two_ranks"]
+    env = subprocess_env(corpus)
+    first = subprocess.run(torchrun_cmd(2, "-m", "scripts.base_train", *args, "--num_iterations=4"),
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    flip_last_byte(step_dir(tag_dir(corpus, "two_ranks"), 4) / "optim_rank1.pt")
+    resumed = subprocess.run(torchrun_cmd(2, "-m", "scripts.base_train", *args, "--num_iterations=6", "--resume"),
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"skipping {step_dir(tag_dir(corpus, 'two_ranks'), 4)}" in resumed.stdout, resumed.stdout[-2000:]
+    assert "optim_rank1.pt does not match its checksum" in resumed.stdout
+    assert f"resumed from {step_dir(tag_dir(corpus, 'two_ranks'), 2)}" in resumed.stdout
+    assert complete_steps(tag_dir(corpus, "two_ranks"))[-1] == 6
+
+
 class RunsCode:
     """What an attacker would pickle: unpickling it would create MARKER."""
 
