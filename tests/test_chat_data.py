@@ -6,10 +6,10 @@ import torch
 
 from nanochat.chat_data import IGNORE, PackedChatBatches, PaddedChatBatches, estimate_packed_rows, evaluate_chat_loss
 from nanochat.checkpoint import create_model
-from nanochat.gpt import GPTConfig
 from tasks.customjson import CustomJSON
 from tasks.smoltalk import SmolTalk
 from tests.chat_fixtures import train_tiny_tokenizer, write_jsonl
+from tests.model_cases import tiny_config
 
 SEQ_LEN = 48
 
@@ -26,8 +26,7 @@ def chat(shared_data):
 
 def tiny_model(tokenizer, seq_len: int = SEQ_LEN):
     torch.manual_seed(0)
-    return create_model(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16,
-                                  max_seq_len=seq_len, vocab_size=tokenizer.vocab_size), "cpu")
+    return create_model(tiny_config(tokenizer.vocab_size, depth=1, max_seq_len=seq_len), "cpu")
 
 
 def test_targets_are_exactly_the_assistant_tokens(tokenizer, tmp_path):

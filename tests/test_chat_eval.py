@@ -14,6 +14,7 @@ from nanochat.tokenizer import Tokenizer
 from scripts.chat_eval import ChatEvalFlags
 from tasks.arc import ARC
 from tasks.common import Task
+from tests.model_cases import tiny_config
 from tests.training_fixtures import REPO
 
 
@@ -93,8 +94,7 @@ class ThirdTimeLucky(Task):
 @pytest.fixture(scope="module")
 def engine(tokenizer):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=32,
-                          vocab_size=tokenizer.vocab_size))
+    model = GPT(tiny_config(tokenizer.vocab_size, depth=1, max_seq_len=32))
     model.init_weights()
     model.eval()
     return Engine(model, tokenizer)

@@ -8,11 +8,11 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir, complete_steps, create_model, load_checkpoint
 from nanochat.engine import SamplingParams
-from nanochat.gpt import GPTConfig
 from nanochat.rl import RolloutBatches, pass_at_k, policy_gradient_loss
 from scripts import chat_rl, chat_sft, mid_train
 from tasks.arithmetic import Arithmetic
 from tests.chat_fixtures import make_base_checkpoint, one_thread, train_tiny_tokenizer  # noqa: F401
+from tests.model_cases import tiny_config
 from tests.test_tasks_chat import WORDS
 from tests.training_fixtures import read_losses
 
@@ -26,14 +26,12 @@ def tokenizer():
 
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    return create_model(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=96,
-                                  vocab_size=tokenizer.vocab_size), "cpu")
+    return create_model(tiny_config(tokenizer.vocab_size, depth=1, max_seq_len=96), "cpu")
 
 
 def test_policy_gradient_step_favours_positive_advantage():
     torch.manual_seed(0)
-    model = create_model(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=8,
-                                   vocab_size=64), "cpu")
+    model = create_model(tiny_config(64, depth=1, max_seq_len=8), "cpu")
     inputs = torch.tensor([[1, 2, 3], [1, 2, 3]])
     targets = torch.tensor([[-1, 5, 6], [-1, 7, 8]])  # two sampled answers to the same prompt
     advantages = torch.tensor([0.5, -0.5])

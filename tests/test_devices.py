@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from nanochat import common
 from nanochat.checkpoint import create_model
-from nanochat.gpt import GPTConfig
 from tests.chat_fixtures import one_thread  # noqa: F401 (fixture)
 from tests.device_spy import CollectiveSpy, HostTracker
+from tests.model_cases import tiny_config
 from tests.test_tasks_chat import WORDS
 from tests.training_fixtures import TINY_MODEL_ARGS, make_mini_corpus, subprocess_env, torchrun_cmd
 
@@ -47,7 +47,6 @@ def test_spy_flags_the_patterns_that_crash_on_gpus_and_macs():
 def test_bpb_over_zero_steps_reduces_device_tensors(tmp_path):
     """A rank with no val batches still joins the all-reduce, with tensors on the model's device."""
     from nanochat.loss_eval import evaluate_bpb
-    from tests.model_cases import tiny_config
 
     model = create_model(tiny_config(64), "cpu")
     spy, tracker = CollectiveSpy(), HostTracker()
@@ -217,7 +216,6 @@ def eager_compile(monkeypatch):
 
 def test_varying_row_lengths_compile_once_per_bucket_with_unchanged_losses(eager_compile, one_thread):  # noqa: F811
     from nanochat.compiled import BucketedCompile, bucket_length
-    from tests.model_cases import tiny_config
 
     assert [bucket_length(n, 2048) for n in (1, 64, 65, 700, 2048)] == [64, 64, 128, 1024, 2048]
     assert bucket_length(100, 96) == 100 and bucket_length(90, 96) == 96
@@ -259,8 +257,7 @@ def test_rl_rollouts_sample_in_the_training_dtype(one_thread):  # noqa: F811
     from tests.chat_fixtures import train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(300)
-    model = create_model(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=96,
-                                   vocab_size=tokenizer.vocab_size), "cpu")
+    model = create_model(tiny_config(tokenizer.vocab_size, depth=1, max_seq_len=96), "cpu")
     seen = set()
     model.lm_head.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
     sampling = SamplingParams(max_tokens=4, temperature=1.0, num_samples=2)
@@ -317,7 +314,6 @@ def test_memory_estimate_adds_what_the_cuda_runtime_takes():
     """model_info sizes the whole device: allocator margin, cuBLAS workspace, CUDA context, NCCL when
     distributed, and the optimizer step's buffers (which never coexist with the activations)."""
     from nanochat.sizing import ALLOCATOR_MARGIN, CUBLAS_WORKSPACE, CUDA_CONTEXT, NCCL_BUFFERS, estimate_memory
-    from tests.model_cases import tiny_config
 
     config = tiny_config(65536, depth=12, model_dim=768, head_dim=128, max_seq_len=2048)
     one = estimate_memory(config, 16, autocast=True)

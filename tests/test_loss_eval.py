@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.core_eval import evaluate_task
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer
+from tests.model_cases import tiny_config
 from tests.training_fixtures import REPO, subprocess_env, torchrun_cmd
 
 
@@ -49,8 +50,7 @@ def test_bpb_matches_a_direct_computation_on_a_real_model():
     texts = ["the cat sat on the mat", "a dog ran in the park", "bits per byte compare tokenizers"] * 10
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(depth=1, model_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, max_seq_len=16,
-                          vocab_size=tokenizer.vocab_size))
+    model = GPT(tiny_config(tokenizer.vocab_size, depth=1, max_seq_len=16))
     model.init_weights()
     model.eval()
     ids = [t for text in texts[:6] for t in tokenizer.encode(text, prepend=tokenizer.bos_token_id)]
