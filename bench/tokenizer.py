@@ -3,6 +3,7 @@ HuggingFace `tokenizers`, same corpus, same split pattern, same vocab sizes, in 
 
     python -m bench.tokenizer                      # 50M chars of ../shared/data/pretrain, vocab 8192/32768/65536
     python -m bench.tokenizer --min_chars 5000000 --vocab_sizes 4096
+    python -m bench.tokenizer --pretrain_dir /work/shared/data/pretrain   # from a worktree elsewhere
 
 Every trainer runs in its own interpreter (the reference's module is also called `rustbpe`; separate processes
 also give each its own peak RSS). Prints wall and CPU seconds, peak RSS above the loaded corpus, the ratio
@@ -26,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT.parent / "shared" / "data" / "pretrain"
 TRAINERS = ("ours", "reference", "hf")
+REFERENCE_VERSION = "0.1.0"  # the PyPI `rustbpe` whose merges tests/test_rustbpe.py pins
+HF_VERSION = "0.23.3"
 
 
 def cpu_seconds() -> float:
@@ -120,21 +123,22 @@ def run_worker(args: list[str], env: dict | None = None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def install(package: str, deps_dir: Path) -> Path:
-    """pip-install a package into its own directory (the reference's module name clashes with ours)."""
-    target = deps_dir / package
+def install(requirement: str, deps_dir: Path) -> Path:
+    """pip-install a pinned package into its own directory (the reference's module name clashes with ours)."""
+    target = deps_dir / requirement.replace("==", "-")
     if not target.is_dir():
-        print(f"installing {package} into {target}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), package], check=True)
+        print(f"installing {requirement} into {target}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), requirement],
+                       check=True)
     return target
 
 
-def write_corpus(min_chars: int, path: Path) -> tuple[int, int]:
+def write_corpus(pretrain_dir: Path, min_chars: int, path: Path) -> tuple[int, int]:
     """Documents of the pretraining shards (repeated if needed) until min_chars, one JSON string a line."""
     import pyarrow.parquet as pq
-    shards = sorted(PRETRAIN.glob("shard_*.parquet"))
+    shards = sorted(pretrain_dir.glob("shard_*.parquet"))
     if not shards:
-        sys.exit(f"error: no shards in {PRETRAIN}")
+        sys.exit(f"error: no shards in {pretrain_dir}; pass --pretrain_dir")
     docs, total = [], 0
     while total < min_chars:
         for shard in shards:
@@ -150,6 +154,7 @@ def write_corpus(min_chars: int, path: Path) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--min_chars", type=int, default=50_000_000, help="corpus size in characters")
+    parser.add_argument("--pretrain_dir", default=str(PRETRAIN), help="folder of shard_*.parquet files")
     parser.add_argument("--vocab_sizes", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     parser.add_argument("--encode_vocab_size", type=int, default=32768, help="0 = skip the encoding benchmark")
@@ -169,10 +174,11 @@ def main() -> None:
 
     from nanochat.tokenizer import SPLIT_PATTERN as pattern
     deps_dir = Path(args.deps_dir)
-    paths = {"ours": None, "reference": install("rustbpe", deps_dir), "hf": install("tokenizers", deps_dir)}
+    paths = {"ours": None, "reference": install(f"rustbpe=={REFERENCE_VERSION}", deps_dir),
+             "hf": install(f"tokenizers=={HF_VERSION}", deps_dir)}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
-        num_docs, num_chars = write_corpus(args.min_chars, corpus)
+        num_docs, num_chars = write_corpus(Path(args.pretrain_dir), args.min_chars, corpus)
         print(f"corpus: {num_docs:,} documents, {num_chars / 1e6:.1f}M chars; {os.cpu_count()} CPUs; "
               f"pattern {pattern}", flush=True)
         print("| vocab | trainer | wall s | cpu s | peak RSS MB | reference/ours wall | merges = reference |")

@@ -75,6 +75,18 @@ fn main() {
     );
 
     let (start, cpu) = (Instant::now(), cpu_seconds());
-    let merges = train::learn_merges(counts, vocab_size - 256, &mut |_| Ok::<(), ()>(())).unwrap();
+    let merges = train::learn_merges(counts, vocab_size - 256, &mut |event| {
+        if let train::Event::Message(message) = event {
+            if !message.starts_with("Progress") {
+                println!(
+                    "  {:.2}s cpu {:.2}s: {message}",
+                    start.elapsed().as_secs_f64(),
+                    cpu_seconds() - cpu
+                );
+            }
+        }
+        Ok::<(), ()>(())
+    })
+    .unwrap();
     report("merges", start, cpu, format!("{}", merges.len()));
 }

@@ -174,6 +174,19 @@ pub fn learn_merges<E>(
     num_merges: usize,
     on_event: &mut impl FnMut(Event) -> std::result::Result<(), E>,
 ) -> std::result::Result<Vec<Pair>, E> {
+    learn_merges_with(counts, num_merges, PARALLEL_MIN_CHUNKS, on_event)
+}
+
+/// A merge whose pair is listed in at least this many chunks is applied on the crate's threads.
+const PARALLEL_MIN_CHUNKS: usize = 2048;
+
+/// `learn_merges`, applying a merge in parallel when its chunk list has at least `parallel_min_chunks` entries.
+fn learn_merges_with<E>(
+    counts: ChunkCounts,
+    num_merges: usize,
+    parallel_min_chunks: usize,
+    on_event: &mut impl FnMut(Event) -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<Pair>, E> {
     on_event(Event::Message(format!(
         "Starting BPE training: {num_merges} merges to compute"
     )))?;
@@ -217,6 +230,7 @@ pub fn learn_merges<E>(
     // The pairs a merge creates all contain its new id, as (x, new) or (new, y): tally them in arrays
     // indexed by x and y instead of hashing each occurrence, and publish them once the merge is done.
     let (mut with_left, mut with_right) = (NewPairs::default(), NewPairs::default());
+    let threads = pool::install(rayon::current_num_threads);
     while merges.len() < limit {
         on_event(Event::Tick)?;
         let Some(top) = heap.pop() else { break };
@@ -237,24 +251,53 @@ pub fn learn_merges<E>(
         let merged = pairs
             .remove(&top.pair)
             .expect("a popped live pair is in the table");
-        for w in merged.chunks {
-            let span = &mut spans[w as usize];
-            let weight = span.weight;
-            span.len = merge_in_place(&mut ids[span.range()], top.pair, new_id, |(x, y), delta| {
-                if y == new_id {
-                    with_left.add(x, delta * weight, w);
-                } else if x == new_id {
-                    with_right.add(y, delta * weight, w);
-                } else if (x, y) != top.pair {
+        if threads > 1 && merged.chunks.len() >= parallel_min_chunks {
+            let runs = merged
+                .chunks
+                .chunks(merged.chunks.len().div_ceil(4 * threads));
+            let changes = merge_runs(&mut ids, &spans, runs.clone(), top.pair, new_id);
+            for (run, changes) in runs.zip(changes) {
+                for (&w, len) in run.iter().zip(changes.lens) {
+                    spans[w as usize].len = len;
+                }
+                // pairs without the new id only lose occurrences, so adding up a run's losses first is exact
+                for (pair, delta) in changes.old_pairs {
                     let state = pairs
-                        .get_mut(&(x, y))
+                        .get_mut(&pair)
                         .expect("a pair being removed was counted");
-                    state.count += delta * weight;
+                    state.count += delta;
                     if state.count == 0 {
-                        pairs.remove(&(x, y));
+                        pairs.remove(&pair);
                     }
                 }
-            });
+                for (x, (count, words)) in changes.with_left {
+                    with_left.absorb(x, count, words);
+                }
+                for (y, (count, words)) in changes.with_right {
+                    with_right.absorb(y, count, words);
+                }
+            }
+        } else {
+            for w in merged.chunks {
+                let span = &mut spans[w as usize];
+                let weight = span.weight;
+                span.len =
+                    merge_in_place(&mut ids[span.range()], top.pair, new_id, |(x, y), delta| {
+                        if y == new_id {
+                            with_left.add(x, delta * weight, w);
+                        } else if x == new_id {
+                            with_right.add(y, delta * weight, w);
+                        } else if (x, y) != top.pair {
+                            let state = pairs
+                                .get_mut(&(x, y))
+                                .expect("a pair being removed was counted");
+                            state.count += delta * weight;
+                            if state.count == 0 {
+                                pairs.remove(&(x, y));
+                            }
+                        }
+                    });
+            }
         }
         let created = with_left
             .drain()
@@ -285,6 +328,70 @@ pub fn learn_merges<E>(
         merges.len()
     )))?;
     Ok(merges)
+}
+
+/// What applying one merge changed in a run of consecutive chunks: their new lengths (in run order), the
+/// weighted losses of pairs without the new id, and the weighted counts and chunk lists (ascending) of the
+/// pairs it created, keyed by the token beside the new id.
+#[derive(Default)]
+struct RunChanges {
+    lens: Vec<usize>,
+    old_pairs: FxHashMap<Pair, i64>,
+    with_left: FxHashMap<u32, (i64, Vec<u32>)>,
+    with_right: FxHashMap<u32, (i64, Vec<u32>)>,
+}
+
+/// Applies the merge `pair -> new_id` to each run of chunks on the crate's threads. The runs come from an
+/// ascending chunk list, so each owns a disjoint slice of the id buffer, carved here without copying.
+fn merge_runs<'a>(
+    ids: &mut [u32],
+    spans: &[Span],
+    runs: impl Iterator<Item = &'a [u32]>,
+    pair: Pair,
+    new_id: u32,
+) -> Vec<RunChanges> {
+    let mut work: Vec<(&[u32], usize, &mut [u32])> = Vec::new();
+    let (mut rest, mut rest_start) = (ids, 0);
+    for run in runs {
+        let first = &spans[run[0] as usize];
+        let last = &spans[run[run.len() - 1] as usize];
+        let (_, from_first) = std::mem::take(&mut rest).split_at_mut(first.start - rest_start);
+        let (region, after) = from_first.split_at_mut(last.start + last.len - first.start);
+        work.push((run, first.start, region));
+        (rest, rest_start) = (after, last.start + last.len);
+    }
+    pool::install(|| {
+        work.into_par_iter()
+            .map(|(run, base, region)| {
+                let mut changes = RunChanges::default();
+                for &w in run {
+                    let span = &spans[w as usize];
+                    let weight = span.weight;
+                    let local = span.start - base..span.start - base + span.len;
+                    let len = merge_in_place(&mut region[local], pair, new_id, |(x, y), delta| {
+                        let delta = delta * weight;
+                        if y == new_id {
+                            tally_new_pair(&mut changes.with_left, x, delta, w);
+                        } else if x == new_id {
+                            tally_new_pair(&mut changes.with_right, y, delta, w);
+                        } else if (x, y) != pair {
+                            *changes.old_pairs.entry((x, y)).or_default() += delta;
+                        }
+                    });
+                    changes.lens.push(len);
+                }
+                changes
+            })
+            .collect()
+    })
+}
+
+fn tally_new_pair(table: &mut FxHashMap<u32, (i64, Vec<u32>)>, other: u32, delta: i64, word: u32) {
+    let (count, words) = table.entry(other).or_default();
+    if delta > 0 && words.last() != Some(&word) {
+        words.push(word);
+    }
+    *count += delta;
 }
 
 /// Spans counted per rayon task when the initial pair counts are taken in parallel.
@@ -398,6 +505,16 @@ impl NewPairs {
         self.counts[i] += delta;
     }
 
+    /// Adds a run's tally for the pair with `other` (its chunks come after any already listed).
+    fn absorb(&mut self, other: u32, count: i64, mut words: Vec<u32>) {
+        let i = other as usize;
+        if self.words[i].is_empty() {
+            self.touched.push(other);
+        }
+        self.words[i].append(&mut words);
+        self.counts[i] += count;
+    }
+
     /// Every pair touched since the last drain as (other token, count, chunk list), leaving all empty.
     fn drain(&mut self) -> impl Iterator<Item = (u32, i64, Vec<u32>)> + '_ {
         let NewPairs {
@@ -474,5 +591,35 @@ mod tests {
             assert_eq!(counted[pair].count, state.count);
             assert_eq!(counted[pair].chunks, state.chunks, "chunk list of {pair:?}");
         }
+    }
+
+    #[test]
+    fn parallel_merges_equal_serial_merges() {
+        // Thousands of distinct chunks sharing pairs, so early merges touch far more chunks than the threshold.
+        let letters = |mut i: u32| {
+            let mut word = String::new();
+            while i > 0 {
+                word.push(char::from(b'a' + (i % 7) as u8));
+                i /= 7;
+            }
+            word
+        };
+        let texts: Vec<String> = (0..4000u32)
+            .map(|i| {
+                format!(
+                    "ab{}e {}ab the{}",
+                    letters(i),
+                    letters(i * 31),
+                    letters(i % 50)
+                )
+            })
+            .collect();
+        let mut counts = ChunkCounts::new(Splitter::default());
+        counts.add_texts(&texts).unwrap();
+        assert!(counts.len() > 3000);
+        let learn = |min_chunks| {
+            learn_merges_with(counts.clone(), 500, min_chunks, &mut |_| Ok::<(), ()>(())).unwrap()
+        };
+        assert_eq!(learn(16), learn(usize::MAX));
     }
 }
