@@ -21,7 +21,7 @@ from nanochat.engine import greedy_samples
 from nanochat.flags import TrainFlags, flag, parse_flags, run_main
 from nanochat.model_config import ModelFlags, model_config
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.fp8 import enable_fp8
+from nanochat.fp8 import enable_fp8, fp8_refusal
 from nanochat.optim import OptimFlags, setup_optimizers, training_schedule
 from nanochat.recipes import DEFAULT_RECIPE, RECIPES
 from nanochat.schedules import auto_batch_size, batch_scaling, warmup_warmdown
@@ -55,7 +55,8 @@ class BaseTrainFlags(DataSourceFlags, ModelFlags, OptimFlags, TrainFlags):
     # Model extras
     doc_mask: bool = flag(False, "attention stays inside each document of a packed row")
     activation_checkpointing: bool = flag(False, "recompute each block in backward: less memory, ~30% more compute")
-    fp8: bool = flag(False, "fp8 matmuls via torchao float8 training (H100-class GPU); evals stay in bf16")
+    fp8: bool | None = flag(False, "fp8 matmuls via torchao float8 training (H100-class GPU); evals stay in bf16; "
+                                   "none = on where that GPU and torchao are present")
     # Evaluation
     eval_tokens: int = flag(20 * 524288, "val tokens per bits-per-byte evaluation")
     sample_every: int = flag(2000, "steps between greedy samples; -1 = off")
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
            f"{num_iterations * total_batch:,} tokens; grad accumulation {accum} × {dist.world_size} "
            f"rank(s) × {flags.device_batch_size} rows × {seq_len}; LRs × {lr_scale:.4g}, Muon weight decay "
            f"{matrix_decay:.4g}; checkpoints in {out_dir}")
-    if flags.fp8:
+    if flags.fp8 or (flags.fp8 is None and fp8_refusal(dist.device) is None):
         print0(f"fp8: {enable_fp8(model, dist.device)} linear layers in float8")
     warn_if_data_repeats(tokenizer, flags, num_iterations * total_batch, seq_len, dist.is_master)
 

@@ -13,7 +13,11 @@
 : "${HEAD_DIM:=128}"
 : "${MAX_SEQ_LEN:=2048}"
 : "${DEVICE_BATCH_SIZE:=32}"
-: "${TOTAL_BATCH_SIZE:=524288}"
+: "${TOTAL_BATCH_SIZE:=524288}"     # mid-training's tokens per step (and base_train's unless BASE_TOTAL_BATCH_SIZE)
+: "${RECIPE:=2025}"                 # base_train --recipe: 2025 | frontier (nanochat/recipes.py)
+: "${BASE_TOTAL_BATCH_SIZE:=$TOTAL_BATCH_SIZE}"   # -1 = derived from the run length (needs a param:data ratio)
+: "${PARAM_DATA_RATIO:=}"           # empty = the recipe's tokens per parameter
+: "${FP8:=0}"                       # base_train --fp8: 1 | 0 | none (on when an H100-class GPU and torchao are present)
 : "${BASE_ITERS:=-1}"               # -1 = from the param:data ratio
 : "${BASE_EVAL_EVERY:=250}"
 : "${BASE_EVAL_TOKENS:=10485760}"   # val tokens per bits-per-byte evaluation during base_train
@@ -75,7 +79,10 @@ run_pipeline() {
 
     # base_train's run length and data: shard_plan derives the shard count from the same flags
     local base_flags=("${MODEL_FLAGS[@]}" --data_source="$DATA_SOURCE" --device_batch_size="$DEVICE_BATCH_SIZE"
-                      --total_batch_size="$TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS")
+                      --recipe="$RECIPE" --total_batch_size="$BASE_TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS")
+    if [ -n "$PARAM_DATA_RATIO" ]; then
+        base_flags+=(--target_param_data_ratio="$PARAM_DATA_RATIO")
+    fi
     setup_stage report_reset python -m nanochat.report reset
     local shard_pid="" prefetch_pid=""
     if [ "$DATA_SOURCE" = demo ]; then
@@ -113,7 +120,7 @@ run_pipeline() {
 
     local train=(--run="$WANDB_RUN" --model_tag="$MODEL_TAG")
     # shellcheck disable=SC2046  # resume_flag prints nothing or one word
-    stage base_train launch scripts.base_train "${base_flags[@]}" "${train[@]}" \
+    stage base_train launch scripts.base_train "${base_flags[@]}" "${train[@]}" --fp8="$FP8" \
         --eval_every="$BASE_EVAL_EVERY" --eval_tokens="$BASE_EVAL_TOKENS" --save_every="$BASE_SAVE_EVERY" \
         $(resume_flag "$MODEL_TAG" base_checkpoints)
     stage base_loss launch scripts.base_loss --model_tag="$MODEL_TAG" --device_batch_size="$DEVICE_BATCH_SIZE" \
