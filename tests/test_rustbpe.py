@@ -49,6 +49,12 @@ def real_texts(shard) -> list[str]:
     return pq.ParquetFile(shard).read_row_group(0, columns=["text"]).column("text").to_pylist()
 
 
+@pytest.fixture(scope="module")
+def shard_texts(shard) -> list[str]:
+    """All of a real pretraining shard: 1226 documents, 7.8M characters."""
+    return pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+
+
 def reference_merges(texts: list[str], vocab_size: int, pattern: str) -> list[tuple[int, int]]:
     """Textbook BPE: recount every pair each step, merge the most frequent, ties to the smaller pair."""
     chunks = Counter(chunk for text in texts for chunk in regex.findall(pattern, text))
@@ -139,10 +145,12 @@ def test_ranks_layout():
     assert [token for token, _ in ranks[:256]] == [bytes([b]) for b in range(256)]
 
 
-def test_small_buffers_stream_to_the_same_merges(real_texts):
-    texts = real_texts[:40]
-    whole = trained(texts, 600)
-    streamed = trained((t for t in texts), 600, buffer_size=3)
+@pytest.mark.parametrize("buffer_size", [3, 200])
+def test_streamed_batches_give_the_same_merges(shard_texts, buffer_size):
+    # 3: batches small enough to count on the calling thread; 200 (~1 MB): each counted on other threads
+    # while the next is pulled from the generator.
+    whole = trained(shard_texts, 600)
+    streamed = trained((t for t in shard_texts), 600, buffer_size=buffer_size)
     assert whole.get_mergeable_ranks() == streamed.get_mergeable_ranks()
 
 
@@ -370,11 +378,6 @@ GOLDEN_DIGESTS = {
     32768: "87230507ba22cb6db4f4422707f68a741335a29701e75fa98eb548b7b56b029c",
     65536: "dcd99dcfac117bb6693d5e9427822b87e4ab0d0a8f827eda62f2e0504b9d54aa",
 }
-
-
-@pytest.fixture(scope="module")
-def shard_texts(shard) -> list[str]:
-    return pq.read_table(shard, columns=["text"]).column("text").to_pylist()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyTypeError, PyUnicodeDecodeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyIterator, PyString};
 
+use crate::train::PARALLEL_MIN_BYTES;
 use crate::{BpeError, ChunkCounts, Event, Splitter, GPT4_PATTERN};
 
 impl From<BpeError> for PyErr {
@@ -146,15 +147,21 @@ impl PyTokenizer {
                 .iter()
                 .map(|text| text.to_str())
                 .collect::<PyResult<_>>()?;
-            // Count this batch on other threads while this one pulls the next from Python.
-            let (counted, next) = std::thread::scope(|scope| {
-                let counting = scope.spawn(|| counts.add_texts(&texts));
-                let next = next_batch(&mut items, buffer_size, &mut position);
-                let counted = py.detach(|| counting.join());
-                (counted, next)
-            });
-            counted.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-            drop(texts);
+            let num_bytes: usize = texts.iter().map(|text| text.len()).sum();
+            let next = if num_bytes < PARALLEL_MIN_BYTES {
+                // too little to be worth a thread: count it here, then pull the next batch
+                py.detach(|| counts.add_texts(&texts))?;
+                next_batch(&mut items, buffer_size, &mut position)
+            } else {
+                // count this batch on other threads while this one pulls the next from Python
+                let (counted, next) = std::thread::scope(|scope| {
+                    let counting = scope.spawn(|| counts.add_texts(&texts));
+                    let next = next_batch(&mut items, buffer_size, &mut position);
+                    (py.detach(|| counting.join()), next)
+                });
+                counted.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                next
+            };
             batch = next?;
         }
         progress.info(

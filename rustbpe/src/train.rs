@@ -41,18 +41,25 @@ impl ChunkCounts {
         self.len() == 0
     }
 
-    /// Splits and counts a batch of texts in parallel; only long chunks new to the table are copied.
+    /// Splits and counts a batch of texts (in parallel unless it is small); only long chunks new to the
+    /// table are copied.
     pub fn add_texts<S: AsRef<str> + Sync>(&mut self, texts: &[S]) -> Result<()> {
         let splitter = &self.splitter;
-        let batch: Tally<&str> = pool::install(|| {
-            texts
-                .par_iter()
-                .try_fold(Tally::default, |mut local: Tally<&str>, text| {
-                    splitter.for_each_chunk(text.as_ref(), |chunk| local.add(chunk))?;
-                    Ok(local)
-                })
-                .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
-        })?;
+        let num_bytes: usize = texts.iter().map(|text| text.as_ref().len()).sum();
+        let batch: Tally<&str> = if num_bytes < PARALLEL_MIN_BYTES {
+            texts.iter().try_fold(Tally::default(), |local, text| {
+                count_text(splitter, local, text.as_ref())
+            })?
+        } else {
+            pool::install(|| {
+                texts
+                    .par_iter()
+                    .try_fold(Tally::default, |local, text| {
+                        count_text(splitter, local, text.as_ref())
+                    })
+                    .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
+            })?
+        };
         merge_maps(&mut self.tally.short, batch.short);
         for (chunk, n) in batch.long {
             match self.tally.long.get_mut(chunk) {
@@ -73,6 +80,19 @@ impl ChunkCounts {
             .map(|(packed, n)| (unpack(packed), n))
             .chain(long.into_iter().map(|(chunk, n)| (chunk.into_bytes(), n)))
     }
+}
+
+/// Batches of fewer bytes are counted on the calling thread: handing them to the pool would cost more than it
+/// saves (a stream read one short string at a time, `buffer_size=1`, was slower than the reference).
+pub const PARALLEL_MIN_BYTES: usize = 1 << 18;
+
+fn count_text<'t>(
+    splitter: &Splitter,
+    mut local: Tally<&'t str>,
+    text: &'t str,
+) -> Result<Tally<&'t str>> {
+    splitter.for_each_chunk(text, |chunk| local.add(chunk))?;
+    Ok(local)
 }
 
 /// Chunks of up to 15 bytes (nearly all of them) packed into one integer: their bytes, then the length in
