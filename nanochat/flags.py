@@ -76,6 +76,15 @@ def _converter(base: Any, optional: bool) -> Callable[[str], Any]:
     return parse
 
 
+class RepeatableList(argparse.Action):
+    """A list flag: the first `--x a b` replaces the default, a repeated `--x c` adds to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(self, "given", False)
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) if given else []) + list(values))
+        self.given = True
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus a message on a bad flag; we want one line that names the fix."""
 
@@ -106,7 +115,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs["choices"] = field.metadata["choices"]
         if typing.get_origin(base) is list:
             (item,) = typing.get_args(base)
-            kwargs.update(nargs="*", type=_converter(item, False))
+            kwargs.update(nargs="*", type=_converter(item, False), action=RepeatableList)
         elif base is bool:
             kwargs.update(nargs="?", const=True, type=_converter(bool, optional))
         else:

@@ -232,3 +232,11 @@ def test_auto_batch_follows_the_horizon(base, capsys):
     explicit = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe=frontier"])  # RUN_ARGS has 256: it wins
     assert batch_plan(explicit, model, 320)[0] == 256
     assert batch_plan(parse_flags(BaseTrainFlags, list(RUN_ARGS)), model, 320) == (256, 1.0, 0.0)
+
+
+def test_race_takes_repeated_references():
+    from bench.race import RaceFlags
+
+    flags = parse_flags(RaceFlags, ["--reference", "old", "--reference", "new", "--recipes", "frontier"])
+    assert flags.reference == ["old", "new"] and flags.recipes == ["frontier"]
+    assert parse_flags(RaceFlags, []).recipes == ["2025", "frontier"]
