@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full pipeline on one 24 GB GPU (RTX 3090/4090) without torchrun: a 24576-token tokenizer and a
-# 4-layer, 512-wide base model (8 heads of 64, ~37.7M params) trained on ~500M tokens (954 steps of 524,288).
+# 4-layer, 512-wide base model (8 heads of 64) under the frontier recipe, trained on ~500M tokens (954 steps of
+# 524,288).
 #   bash ittybitty.sh
 # Sizes are environment variables (see scripts/pipeline.sh); re-running skips finished stages.
 set -euo pipefail
@@ -10,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 : "${NPROC_PER_NODE:=1}"
 : "${VOCAB_SIZE:=24576}"
 : "${DEPTH:=4}"
+: "${RECIPE:=frontier}"
 : "${MODEL_DIM:=512}"
 : "${HEAD_DIM:=64}"
 : "${DEVICE_BATCH_SIZE:=48}"
