@@ -315,7 +315,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     write_json(tmp / "config.json", config)
     write_json(tmp / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-        "pad_token_id": config["pad_token_id"], "max_length": model.config.max_seq_len})
+        "pad_token_id": config["pad_token_id"], "max_length": model.config.max_seq_len,
+        # our modeling code keeps no KV cache: generate() must recompute (a cache would need Llama-style fields)
+        **({"use_cache": False} if reason is not None else {})})
     with atomic_path(tmp / "tokenizer.json") as path:
         hf_tokenizer.save(str(path))
     write_json(tmp / "tokenizer_config.json", {

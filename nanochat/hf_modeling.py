@@ -35,7 +35,10 @@ class NanoChatRemoteForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         """Logits for the whole sequence (no KV cache: generate() recomputes each step); with `labels`, the
-        mean next-token loss over labels != -100 (transformers' convention)."""
+        mean next-token loss over labels != -100 (transformers' convention). Padding is refused: our forward
+        has no attention mask, so padded rows would attend to their pads."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported by this export: pass unpadded rows (batch size 1)")
         logits = self.model(input_ids)
         loss = None
         if labels is not None:

@@ -170,6 +170,19 @@ def test_every_switch_exports_with_our_logits_and_reimports(tmp_path, tokenizer,
         assert (ours - theirs.logits).abs().max().item() <= 1e-4
         assert (ours - reimported(ids)).abs().max().item() <= 1e-4
         assert theirs.loss.item() == pytest.approx(model(ids[:, :-1], labels[:, 1:].clamp(min=-1)).item(), abs=1e-4)
+        # generate() runs (the remote model has no KV cache) and is our greedy decoding, up to an early stop at eos
+        prompt = ids[:1, :8]
+        generated = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                      do_sample=False)
+        expected = prompt
+        for _ in range(4):
+            expected = torch.cat([expected, model(expected)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generated, expected[:, :generated.shape[1]])
+    if case in REMOTE:
+        padded = torch.ones_like(ids)
+        padded[1, :3] = 0
+        with pytest.raises(ValueError, match="padded batches are not supported"):
+            hf_model(ids, attention_mask=padded)
 
 
 def test_cli_refuses_a_non_empty_out_dir_in_one_line(exported, tmp_path):
