@@ -62,9 +62,17 @@ def load_words(path: Path | str | None = None) -> list[str]:
         elif SYSTEM_WORDLIST.is_file():
             words = read_word_file(SYSTEM_WORDLIST)
         else:
-            from nanochat.shards import iter_text_batches  # only this fallback needs the shards
+            from nanochat.shards import iter_text_batches, sources_present  # only this fallback needs shards
 
-            words = words_from_texts(text for batch in iter_text_batches("train") for text in batch)
+            # any source's text gives word frequencies: take the first by name, so several sources never stop
+            # mid/SFT (which have no --data_source) and every rank picks the same one
+            sources = sources_present()
+            if not sources:
+                raise UserError("no spelling word list: install Debian's wamerican, make pretraining shards, "
+                                "or pass a word file")
+            directory = get_base_dir() / "base_data" / sources[0]
+            words = words_from_texts(text for batch in iter_text_batches("train", directory=directory)
+                                     for text in batch)
             if words:
                 atomic_write(cache, "\n".join(words) + "\n")
     if len(words) < 10:

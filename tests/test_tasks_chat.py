@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ import pytest
 
 from nanochat.calculator import calculate
 from nanochat.common import UserError
+import tasks.spellingbee as spellingbee
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON, conversation_problem, read_conversations
@@ -156,6 +158,18 @@ def test_words_from_real_pretraining_text(shared_data):
     words = words_from_texts(batch.to_pylist()[:200], min_count=2)
     assert len(words) > 200 and "the" in words and words == sorted(words)
     assert all(re.fullmatch(r"[a-z]{3,12}", w) for w in words)
+
+
+def test_word_list_falls_back_to_shards_when_several_sources_are_present(shared_data, base_dir, monkeypatch):
+    monkeypatch.setattr(spellingbee, "SYSTEM_WORDLIST", base_dir / "no_such_wordlist")
+    for source, shards in (("climbmix", ("00000", "00012")), ("fineweb", ("00001", "00012"))):
+        (base_dir / "base_data" / source).mkdir(parents=True)
+        for index, shard in enumerate(shards):
+            shutil.copy(shared_data / "pretrain" / f"shard_{shard}.parquet",
+                        base_dir / "base_data" / source / f"shard_{index:05d}.parquet")
+    words = spellingbee.load_words()
+    assert len(words) > 200 and "the" in words
+    assert (base_dir / "chat_data" / "words.txt").read_text().split() == words
 
 
 def test_spelling_word_splits_are_disjoint():
