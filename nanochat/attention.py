@@ -141,7 +141,10 @@ def build_block_mask(seq_len: int, window: int | None, doc_ids: torch.Tensor | N
         return allowed
 
     batch = None if doc_ids is None else doc_ids.size(0)
-    return create_block_mask(keep, batch, None, seq_len, seq_len, device=device)
+    # uncompiled, create_block_mask materialises the dense (B, 1, T, T) mask it is meant to avoid (CUDA training
+    # is where FlexAttention runs; CPU only checks its forward); inside a compiled model it is traced instead
+    compile_mask = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
+    return create_block_mask(keep, batch, None, seq_len, seq_len, device=device, _compile=compile_mask)
 
 
 class KVCache:
