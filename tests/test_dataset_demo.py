@@ -78,7 +78,7 @@ SHAREGPT = [
 
 
 @pytest.fixture
-def packages(base_dir):
+def package_dir(base_dir):
     directory = base_dir / "demo_packages"
     directory.mkdir()
     hamlet = "HAMLET\r\n\r\n\r\n\r\nTo be, or not to be   \r\n" + "\n\n".join(["Words words words."] * 3000)
@@ -112,7 +112,7 @@ def all_texts():
     return [t for shard in list_shards() for t in pq.read_table(shard).column("text").to_pylist()]
 
 
-def test_demo_pretrain_and_chat(packages, base_dir, monkeypatch):
+def test_demo_pretrain_and_chat(package_dir, base_dir, monkeypatch):
     monkeypatch.setattr(demo_sources, "SHAREGPT_CHAT_GROUPS", 1)
     dataset_main(["--source", "demo", "--what", "pretrain", "--shard_mb", "0.01"])
     texts = all_texts()
@@ -141,7 +141,7 @@ def test_demo_pretrain_and_chat(packages, base_dir, monkeypatch):
     assert any("alpha follow-up" in m for m in chat_text | pretrain_sharegpt)  # chunk a_1 kept, trimmed
 
 
-def test_demo_reruns_keep_data_and_overwrite_rebuilds(packages, base_dir, monkeypatch, capsys):
+def test_demo_reruns_keep_data_and_overwrite_rebuilds(package_dir, base_dir, monkeypatch, capsys):
     monkeypatch.setattr(demo_sources, "SHAREGPT_CHAT_GROUPS", 1)
     dataset_main(["--source", "demo", "--shard_mb", "0.01"])
     first = all_texts()
@@ -151,8 +151,8 @@ def test_demo_reruns_keep_data_and_overwrite_rebuilds(packages, base_dir, monkey
     assert all_texts() == first  # same packages, same seed: same shards
 
 
-def test_damaged_package_file_is_a_clear_error(packages, base_dir):
-    (packages / "python3.11-doc_3.11.2-6+deb12u9_all.deb").write_bytes(b"garbage")
+def test_damaged_package_file_is_a_clear_error(package_dir, base_dir):
+    (package_dir / "python3.11-doc_3.11.2-6+deb12u9_all.deb").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a Debian package; delete it"):
         dataset_main(["--source", "demo"])
 
