@@ -289,6 +289,9 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        # tearing down while another rank still runs collectives aborts that rank ("terminate called without an
+        # active exception" from gloo): every rank arrives first
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from nanochat.common import cleanup_distributed
 from nanochat.checkpoint import create_model
 from nanochat.optim import AdamW, Muon, OptimFlags, orthogonalize, setup_optimizers, training_schedule
 from nanochat.schedules import auto_batch_size, batch_scaling, cosine_to_zero, muon_momentum, warmup_warmdown
@@ -214,4 +215,4 @@ if __name__ == "__main__":
     final = run_problem(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
         torch.save(final, sys.argv[1])
-    dist.destroy_process_group()
+    cleanup_distributed()
