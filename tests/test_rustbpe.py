@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import venv
 from collections import Counter
 from pathlib import Path
 
@@ -403,10 +404,17 @@ for vocab_size in json.loads(sys.argv[2]):
 
 @pytest.mark.slow
 def test_merges_equal_the_reference_package_live(shard_texts, tmp_path):
-    # The reference's module is also called rustbpe, so it runs in its own interpreter (no network here).
+    # The reference's module is also called rustbpe, so it runs in its own interpreter: RUSTBPE_REFERENCE_PYTHON,
+    # or a venv made here with the pinned version from the package index
     python = os.environ.get("RUSTBPE_REFERENCE_PYTHON")
     if not python:
-        pytest.skip(f"set RUSTBPE_REFERENCE_PYTHON to a python with rustbpe=={REFERENCE_VERSION} to compare live")
+        venv.create(tmp_path / "reference", with_pip=True)
+        python = str(tmp_path / "reference" / "bin" / "python")
+        install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                  f"rustbpe=={REFERENCE_VERSION}"], capture_output=True, text=True, timeout=600)
+        if install.returncode != 0:
+            pytest.skip(f"package index not reachable for rustbpe=={REFERENCE_VERSION}: "
+                        f"{(install.stderr.strip().splitlines() or ['no output'])[-1]}")
     corpus = tmp_path / "texts.json"
     corpus.write_text(json.dumps(shard_texts))
     result = subprocess.run([python, "-c", REFERENCE_SCRIPT, str(corpus), json.dumps(sorted(GOLDEN_DIGESTS))],
