@@ -46,8 +46,7 @@ def load_nanochat(tag: str):
         model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()  # buffers (rotary tables) the state dict does not hold
-    model.load_state_dict(state, strict=True, assign=True)
-    model.float()
+    model.load_state_dict(state, strict=True, assign=True)  # bf16 tensors were widened above, as it does on CPU
     tokenizer = get_tokenizer()
     bos = tokenizer.get_bos_token_id()
     return model, lambda text: tokenizer.encode(text, prepend=bos), tokenizer.get_vocab_size(), config.sequence_len
