@@ -104,6 +104,14 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(grad, 1 - momentum)
         return grad.lerp(buf, momentum) if group["nesterov"] else buf
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # optimizer states saved before a switch existed (load_state_dict keeps the saved groups) resume with
+        # the value this optimizer was built with, which --resume's recipe check has already matched
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     def normalize_neurons(self, p: torch.Tensor, update: torch.Tensor, beta2: float) -> torch.Tensor:
         """NorMuon: divide each neuron's update by the root of an EMA of its mean square (rows of a tall
         matrix, columns of a wide one), then restore the update's Frobenius norm."""

@@ -135,6 +135,22 @@ def test_frontier_groups_cover_every_parameter_once():
     assert x0["lr"] == 0.5 and x0["betas"] == (0.96, 0.95)
 
 
+def test_muon_resumes_a_state_saved_before_its_switches():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    opt = Muon([p])
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:  # what a 2025 checkpoint holds
+        for key in ("orthogonalizer", "beta2", "weight_decay", "initial_weight_decay"):
+            del group[key]
+    fresh = Muon([p])
+    fresh.load_state_dict(saved)
+    fresh.step()
+    assert fresh.param_groups[0]["orthogonalizer"] == "newton_schulz" and fresh.param_groups[0]["beta2"] == 0.0
+
+
 def test_muon_rejects_vectors():
     with pytest.raises(ValueError, match="2-D parameters only"):
         Muon([torch.nn.Parameter(torch.zeros(4))])
