@@ -185,12 +185,14 @@ def test_setup_covers_every_parameter_once_with_scaled_lrs(tie):
 
 
 def make_problem():
-    """Three same-shape matrices (does not divide by 2 ranks) plus a 3-row matrix (rows do not split)."""
+    """Three same-shape matrices (does not divide by 2 ranks) plus a 3-row matrix (rows do not split), and three
+    wide matrices for a frontier Muon (Polar Express, NorMuon, cautious decay)."""
     gen = torch.Generator().manual_seed(0)
     muon_params = [torch.nn.Parameter(torch.randn(8, 4, generator=gen)) for _ in range(3)]
     adam_params = [torch.nn.Parameter(torch.randn(3, 5, generator=gen)),
                    torch.nn.Parameter(torch.randn(6, 2, generator=gen))]
-    return muon_params, adam_params
+    frontier_params = [torch.nn.Parameter(torch.randn(4, 8, generator=gen)) for _ in range(3)]
+    return muon_params, adam_params, frontier_params
 
 
 def rank_grads(params, rank: int, step: int) -> list[torch.Tensor]:
@@ -200,9 +202,10 @@ def rank_grads(params, rank: int, step: int) -> list[torch.Tensor]:
 
 def run_problem(rank: int, world: int, steps: int = 3) -> list[torch.Tensor]:
     """Each rank sees its own gradients; a single process (world=1) is fed their average."""
-    muon_params, adam_params = make_problem()
-    params = muon_params + adam_params
-    opts = [Muon(muon_params, lr=0.05), AdamW([{"params": adam_params, "lr": 0.01}])]
+    muon_params, adam_params, frontier_params = make_problem()
+    params = muon_params + adam_params + frontier_params
+    opts = [Muon(muon_params, lr=0.05), AdamW([{"params": adam_params, "lr": 0.01}]),
+            Muon(frontier_params, lr=0.05, orthogonalizer="polar_express", beta2=0.9, weight_decay=0.2)]
     for step in range(steps):
         if world == 1:
             grads = [torch.stack(gs).mean(0) for gs in zip(*(rank_grads(params, r, step) for r in range(2)))]
