@@ -21,6 +21,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 : "${BASE_TOTAL_BATCH_SIZE:=${TOTAL_BATCH_SIZE:--1}}"   # -1: derived from the run length
 : "${PARAM_DATA_RATIO:=8}"
 : "${FP8:=none}"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    : "${SETUP_EXTRA:=fp8}"          # torchao, for --fp8 on H100-class GPUs
+fi
 : "${GPU_HOURLY_COST:=3.0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 

@@ -44,11 +44,13 @@ def muon_momentum(start: float = 0.85, peak: float = 0.95, warmup_steps: int = 3
     warmdown_start = num_iterations - warmdown_steps
 
     def momentum(step: int) -> float:
-        if warmdown_steps and step >= warmdown_start and step >= warmup_steps:  # the warm-up finishes first
-            progress = (step - warmdown_start) / warmdown_steps
-            return peak * (1 - progress) + final * progress
         frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
-        return (1 - frac) * start + frac * peak
+        warming = (1 - frac) * start + frac * peak
+        if warmdown_steps and step >= warmdown_start:
+            progress = (step - warmdown_start) / warmdown_steps
+            # the lower of the two curves: continuous even when the warm-down starts before the warm-up ends
+            return min(warming, peak * (1 - progress) + final * progress)
+        return warming
 
     return momentum
 

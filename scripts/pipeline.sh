@@ -72,7 +72,7 @@ wait_for() {
 
 run_pipeline() {
     # shellcheck source=scripts/setup.sh
-    source scripts/setup.sh
+    source scripts/setup.sh "${SETUP_EXTRA:-}"
     # shellcheck source=scripts/stages.sh
     source scripts/stages.sh
     echo "pipeline: base dir $NANOCHAT_BASE_DIR; data $DATA_SOURCE; model $MODEL_TAG; $NNODES node(s) x $NPROC_PER_NODE process(es)"
