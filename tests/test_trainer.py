@@ -102,7 +102,7 @@ def preempt_at(step: int) -> Eval:
     return Eval("preempt", 1, maybe_stop)
 
 
-@pytest.mark.parametrize("case", ["default", "frontier"])
+@pytest.mark.parametrize("case", SWITCH_CASES)
 def test_exact_resume_single_process(rows, tmp_path, case):
     switches = SWITCH_CASES[case]
     straight_model, straight = run_training(flags_for(), rows, tmp_path / "straight", switches=switches)
