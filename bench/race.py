@@ -36,6 +36,7 @@ from nanochat.common import UserError
 from nanochat.flags import flag, parse_flags, run_main
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_PRETRAIN = REPO.parent / "shared" / "data" / "pretrain"  # ../shared/data/pretrain beside the checkout
 EVALUATOR = REPO / "bench" / "race_eval.py"
 SHAPE = dict(depth=4, model_dim=256, head_dim=128, max_seq_len=512, device_batch_size=8)
 TOKENS_PER_STEP = 4096
@@ -55,7 +56,7 @@ class RaceFlags:
     texts_per_set: int = flag(300, "val documents per common-bpb set (starts, middles); fewer only to try the "
                                    "harness out")
     eval_tokens: int = flag(65536, "tokens of each system's own val bpb evaluation at the end")
-    data: str = flag("/work/shared/data/pretrain", "directory of parquet shards (text column); the last is val")
+    data: str = flag(str(SHARED_PRETRAIN), "directory of parquet shards (text column); the last is val")
     out: str = flag("race_out", "working directory (one base dir per system); reused tokenizers are kept")
 
 

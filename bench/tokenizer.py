@@ -3,7 +3,7 @@ HuggingFace `tokenizers`, same corpus, same split pattern, same vocab sizes, in 
 
     python -m bench.tokenizer                      # 50M chars of ../shared/data/pretrain, vocab 8192/32768/65536
     python -m bench.tokenizer --min_chars 5000000 --vocab_sizes 4096
-    python -m bench.tokenizer --pretrain_dir /work/shared/data/pretrain   # from a worktree elsewhere
+    python -m bench.tokenizer --pretrain_dir PATH/TO/shared/data/pretrain   # from a checkout elsewhere
 
 Every trainer runs in its own interpreter (the reference's module is also called `rustbpe`; separate processes
 also give each its own peak RSS). Prints wall and CPU seconds, peak RSS above the loaded corpus, the ratio

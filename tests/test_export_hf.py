@@ -120,12 +120,8 @@ def test_transformers_tokenizer_and_chat_template_give_our_ids(exported, tokeniz
         assert prompt == tokenizer.render_for_completion(conversation)
 
 
-def test_tied_export_and_reimport_round_trip(tmp_path, tokenizer, texts):
-    model = trained_model(tokenizer, texts, tie=True, steps=2)
-    export_hf(model, tokenizer, tmp_path / "tied")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval()
-    reimported, hf_tokenizer, _ = load_hf_model(tmp_path / "tied")
-    ids = torch.tensor([tokenizer.encode(texts["val"][5], prepend="<|bos|>")[:100]])
+def assert_same_logits_and_loss(model, hf_model, reimported, ids):
+    """transformers' logits and labels loss, and a re-import's logits, all within 1e-4 of ours."""
     labels = ids.clone()
     labels[:, :5] = -100
     with torch.no_grad():
@@ -133,6 +129,15 @@ def test_tied_export_and_reimport_round_trip(tmp_path, tokenizer, texts):
         assert (ours - theirs.logits).abs().max().item() <= 1e-4
         assert (ours - reimported(ids)).abs().max().item() <= 1e-4
         assert theirs.loss.item() == pytest.approx(model(ids[:, :-1], labels[:, 1:].clamp(min=-1)).item(), abs=1e-4)
+
+
+def test_tied_export_and_reimport_round_trip(tmp_path, tokenizer, texts):
+    model = trained_model(tokenizer, texts, tie=True, steps=2)
+    export_hf(model, tokenizer, tmp_path / "tied")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied").eval()
+    reimported, hf_tokenizer, _ = load_hf_model(tmp_path / "tied")
+    ids = torch.tensor([tokenizer.encode(texts["val"][5], prepend="<|bos|>")[:100]])
+    assert_same_logits_and_loss(model, hf_model, reimported, ids)
     assert hf_tokenizer.special_tokens == tokenizer.special_tokens
     assert hf_tokenizer.encode(texts["val"][6]) == tokenizer.encode(texts["val"][6])
 
@@ -163,13 +168,8 @@ def test_every_switch_exports_with_our_logits_and_reimports(tmp_path, tokenizer,
                                                                  trust_remote_code=case in REMOTE).eval()
     reimported, _, _ = load_hf_model(tmp_path / "out")
     ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
-    labels = ids.clone()
-    labels[:, :5] = -100
+    assert_same_logits_and_loss(model, hf_model, reimported, ids)
     with torch.no_grad():
-        ours, theirs = model(ids), hf_model(ids, labels=labels)
-        assert (ours - theirs.logits).abs().max().item() <= 1e-4
-        assert (ours - reimported(ids)).abs().max().item() <= 1e-4
-        assert theirs.loss.item() == pytest.approx(model(ids[:, :-1], labels[:, 1:].clamp(min=-1)).item(), abs=1e-4)
         # generate() runs (the remote model has no KV cache) and is our greedy decoding, up to an early stop at eos
         prompt = ids[:1, :8]
         generated = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
