@@ -202,7 +202,8 @@ class TrainFlags(RuntimeFlags):
     resume: bool = flag(False, "continue from the newest complete checkpoint of this --model_tag")
     resume_from_step: int = flag(-1, "continue from this step's checkpoint; -1 = off")
     model_tag: str = flag("", "checkpoint directory name; empty = d<depth>")
-    compile: bool | None = flag(None, "torch.compile the model; none = auto (on for cuda)")
+    compile: bool | None = flag(None, "torch.compile the model; none = auto (on for cuda, and on cpu for runs of "
+                                      ">= 500 steps)")
     grad_clip: float = flag(0.0, "clip the global gradient norm to this before each update; 0 = off")
     seed: int = flag(42, "random seed for init and data order")
     auto_total_batch: ClassVar[bool] = False  # whether the stage derives --total_batch_size -1 itself

@@ -17,8 +17,8 @@ from nanochat.common import DistInfo, UserError, init_distributed
 from nanochat.flags import TrainFlags, flag, parse_flags
 from nanochat.optim import setup_optimizers
 from nanochat.schedules import Schedule, constant, warmup_warmdown
-from nanochat.trainer import (Eval, Run, TrainingDiverged, clip_gradients, grad_accum_steps, set_hyperparameters,
-                              train)
+from nanochat.trainer import (CPU_COMPILE_MIN_STEPS, Eval, Run, TrainingDiverged, auto_compile, clip_gradients,
+                              grad_accum_steps, set_hyperparameters, train)
 from tests.model_cases import SWITCH_CASES, tiny_config
 from tests.training_fixtures import (VOCAB_SIZE, make_mini_corpus, read_losses, read_real_docs, subprocess_env,
                                      token_rows, torchrun_cmd)
@@ -272,3 +272,17 @@ def worker_main() -> None:
 
 if __name__ == "__main__":
     worker_main()
+
+
+def test_compile_default_on_cuda_and_on_long_cpu_runs_with_a_compiler(monkeypatch, tmp_path):
+    cpu, long_run = torch.device("cpu"), CPU_COMPILE_MIN_STEPS
+    assert auto_compile(torch.device("cuda"), 10)
+    assert not auto_compile(cpu, long_run - 1)  # too short to earn the compile back
+    assert not auto_compile(torch.device("mps"), long_run)
+    compiler = tmp_path / "c++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    assert auto_compile(cpu, long_run)
+    monkeypatch.setenv("CXX", str(tmp_path / "missing-c++"))
+    assert not auto_compile(cpu, long_run)  # inductor could not build its kernels
