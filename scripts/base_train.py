@@ -81,22 +81,29 @@ def ratio_param_count(flags: BaseTrainFlags, model) -> int:
     return counts["total"] if flags.ratio_params == "total" else counts["blocks"] + counts["lm_head"]
 
 
-def batch_plan(flags: BaseTrainFlags, model, vocab_size: int) -> tuple[int, float, float]:
-    """(total batch in tokens, LR factor, Muon weight decay): --total_batch_size, or -1 = derived from the run's
-    token horizon against the same architecture at depth 12, where 2^19 tokens was measured best."""
-    total, lr_scale, decay = flags.total_batch_size, 1.0, flags.matrix_weight_decay
-    if total != -1 and not flags.batch_lr_scaling:
-        return total, lr_scale, decay
+def token_horizon(flags: BaseTrainFlags, model, vocab_size: int) -> tuple[float, float]:
+    """Training tokens by --target_param_data_ratio for this model, and for the same architecture at depth 12 (where
+    2^19 tokens per step was measured best): the horizon the auto batch size and the batch scaling work from."""
     if flags.target_param_data_ratio == -1:
         raise UserError("--total_batch_size -1 and --batch_lr_scaling need --target_param_data_ratio (the token "
                         "horizon they scale with); set it or an explicit --total_batch_size without scaling")
     d12 = meta_model(model_config(replace(flags, depth=12, model_dim=-1, num_heads=-1, num_kv_heads=-1), vocab_size))
-    tokens = flags.target_param_data_ratio * ratio_param_count(flags, model)
-    reference_tokens = flags.target_param_data_ratio * ratio_param_count(flags, d12)
-    if total == -1:
-        total = auto_batch_size(tokens, reference_tokens)
+    return (flags.target_param_data_ratio * ratio_param_count(flags, model),
+            flags.target_param_data_ratio * ratio_param_count(flags, d12))
+
+
+def resolved_total_batch(flags: BaseTrainFlags, model, vocab_size: int) -> int:
+    """--total_batch_size, or -1 = a power of two derived from the run's token horizon."""
+    if flags.total_batch_size != -1:
+        return flags.total_batch_size
+    return auto_batch_size(*token_horizon(flags, model, vocab_size))
+
+
+def batch_plan(flags: BaseTrainFlags, model, vocab_size: int) -> tuple[int, float, float]:
+    """(total batch in tokens, LR factor, Muon weight decay), the last two scaled with --batch_lr_scaling."""
+    total, lr_scale, decay = resolved_total_batch(flags, model, vocab_size), 1.0, flags.matrix_weight_decay
     if flags.batch_lr_scaling:
-        lr_scale, decay_scale = batch_scaling(total, tokens, reference_tokens)
+        lr_scale, decay_scale = batch_scaling(total, *token_horizon(flags, model, vocab_size))
         decay *= decay_scale
     return total, lr_scale, decay
 

@@ -3,9 +3,11 @@
     python -m scripts.model_info --depth=4 --model_dim=512 --head_dim=64 --vocab_size=24576
     python -m scripts.model_info --depth=20 --device_batch_size=32 --vram_gb=24        # what fits a 24 GB card
     python -m scripts.model_info --depth=20 --check_free_vram                          # exit 2 if it will not fit
+    python -m scripts.model_info --recipe=frontier --depth=24 --target_param_data_ratio=8 --world_size=8 --gpu=H100
 
-Prints the parameter split, FLOPs per token, tokens and steps for a param:data ratio, and the estimated peak
-memory per device (weights, grads, optimizer state, activations) with and without activation checkpointing.
+Prints the parameter split, FLOPs per token, the run's tokens and steps as base_train resolves them, its expected
+training time on the GPUs named (at an assumed MFU), and the estimated peak memory per device (weights, grads,
+optimizer state, activations) with and without activation checkpointing.
 """
 from __future__ import annotations
 
@@ -14,23 +16,36 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.checkpoint import meta_model
-from nanochat.common import UserError, autodetect_device_type, get_base_dir
+from nanochat.common import UserError, autodetect_device_type, get_base_dir, peak_flops
 from nanochat.flags import flag, parse_flags, run_main
 from nanochat.model_config import ModelFlags, model_config
+from nanochat.recipes import DEFAULT_RECIPE, RECIPES
 from nanochat.sizing import ALLOCATOR_MARGIN, CUDA_CONTEXT, estimate_memory, largest_batch, measure_peak_memory
+from scripts.base_train import ratio_param_count, resolve_num_iterations, resolved_total_batch
 
 DEFAULT_VOCAB = 65536
 GIB = 2**30
+# nanochat's time-to-GPT-2 record (dev/LEADERBOARD.md run 6, Mar 2026): d24, ratio 8, fp8, 1.65 h of training on
+# 8×H100 = 0.59 of the bf16 peak, counted with our FLOPs per token at its vocab (32768)
+RECORD_MFU = 0.59
 
 
 @dataclass
 class ModelInfoFlags(ModelFlags):
     """Parameters, FLOPs and peak training memory for a model flag set."""
+    recipe: str = flag(DEFAULT_RECIPE, "base_train's named defaults (architecture and run length)", tuple(RECIPES))
     vocab_size: int = flag(-1, "vocabulary size; -1 = the saved tokenizer's, else 65536")
     device_batch_size: int = flag(32, "rows per device per micro-step")
-    total_batch_size: int = flag(524288, "tokens per optimizer step (for the step count)")
-    target_param_data_ratio: float = flag(20.0, "training tokens per parameter")
-    world_size: int = flag(1, "ranks in the run (they split the optimizer state)")
+    total_batch_size: int = flag(524288, "tokens per optimizer step; -1 = auto, as base_train derives it")
+    num_iterations: int = flag(-1, "optimizer steps; -1 = from --target_flops, else --target_param_data_ratio")
+    target_flops: float = flag(-1.0, "training FLOPs, sets the steps when --num_iterations is -1; -1 = off")
+    target_param_data_ratio: float = flag(20.0, "training tokens per parameter (see --ratio_params)")
+    ratio_params: str = flag("total", "parameters the ratio counts: total | matrices", ("total", "matrices"))
+    world_size: int = flag(1, "GPUs (ranks) in the run: they split the optimizer state and the time")
+    gpu: str = flag("auto", "GPU to time the run on, as torch names it (H100, A100, 'RTX 4090', ...); auto = this "
+                            "machine's CUDA GPU, none without one")
+    mfu: float = flag(RECORD_MFU, "model FLOPs utilisation the time estimate assumes; the default is what the "
+                                  "public time-to-GPT-2 record (d24, fp8, 8×H100) achieved")
     dtype: str = flag("bfloat16", "compute dtype: bfloat16 (autocast, GPUs with native bf16) or float32 (older GPUs, "
                                    "with GQA's k/v counted expanded; CPU)",
                       choices=("bfloat16", "float32"))
@@ -40,9 +55,13 @@ class ModelInfoFlags(ModelFlags):
     measure: bool = flag(False, "also run two real training steps and print the measured peak")
 
     def __post_init__(self):
-        for name in ("device_batch_size", "total_batch_size", "world_size"):
+        for name in ("device_batch_size", "world_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_batch_size == 0 or self.total_batch_size < -1:
+            raise UserError(f"--total_batch_size must be >= 1 or -1 (auto), got {self.total_batch_size}")
+        if not 0 < self.mfu <= 1:
+            raise UserError(f"--mfu must be in (0, 1], got {self.mfu}")
         if self.vocab_size == 0 or self.vocab_size < -1:
             raise UserError(f"--vocab_size must be >= 1 or -1 (the tokenizer's), got {self.vocab_size}")
         if self.vram_gb == 0 or self.vram_gb < -1:
@@ -71,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     model = meta_model(config)
     counts = model.num_params()
     flops = model.estimate_flops(config.max_seq_len)
-    tokens = flags.target_param_data_ratio * counts["total"]
     print(f"model: depth {config.depth}, model_dim {config.model_dim}, {config.num_heads} heads "
           f"({config.num_kv_heads} kv) × head_dim {config.head_dim}, max_seq_len {config.max_seq_len}, "
           f"vocab {config.vocab_size} ({vocab_from}; padded {config.padded_vocab_size})")
@@ -79,9 +97,7 @@ def main(argv: list[str] | None = None) -> None:
              if counts[part] or part not in ("value_embeds", "scalars")]  # the switches' parts only when present
     print(f"parameters: {counts['total']:,} = " + " + ".join(f"{part} {counts[part]:,}" for part in parts))
     print(f"FLOPs per token (fwd+bwd): {flops:.4e}")
-    print(f"param:data {flags.target_param_data_ratio:g} -> {tokens:,.0f} tokens = "
-          f"{max(1, round(tokens / flags.total_batch_size)):,} steps of {flags.total_batch_size:,} tokens, "
-          f"{flops * tokens:.3e} FLOPs")
+    print_run_plan(flags, model, vocab, flops)
     autocast = flags.dtype == "bfloat16"
     # a float32 run with GQA on CUDA expands k/v to every head (nanochat.attention); count it
     settings = dict(autocast=autocast, world_size=flags.world_size, expanded_kv=not autocast)
@@ -112,6 +128,27 @@ def main(argv: list[str] | None = None) -> None:
               f"ratio {estimate / measured:.2f})")
         if device.type == "cuda":
             print(f"measured peak reserved: {gib(torch.cuda.max_memory_reserved(device))}")
+
+
+def print_run_plan(flags: ModelInfoFlags, model, vocab: int, flops_per_token: float) -> None:
+    """Steps and tokens as base_train resolves them for these flags, and the expected time on --gpu."""
+    total_batch = resolved_total_batch(flags, model, vocab)
+    steps, why = resolve_num_iterations(flags, ratio_param_count(flags, model), flops_per_token, total_batch)
+    tokens = steps * total_batch
+    print(f"run ({why}, recipe {flags.recipe}): {steps:,} steps of {total_batch:,} tokens = {tokens:,} tokens, "
+          f"{flops_per_token * tokens:.3e} FLOPs")
+    gpu = flags.gpu
+    if gpu == "auto":
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    if not gpu:
+        return
+    peak = peak_flops(gpu)
+    if peak is None:
+        print(f"expected time: unknown ({gpu!r} is not in the bf16 peak table of nanochat/common.py)")
+        return
+    hours = flops_per_token * tokens / (flags.world_size * peak * flags.mfu) / 3600
+    print(f"expected training time: {hours:.2f} h on {flags.world_size} × {gpu} ({peak / 1e12:,.0f} TFLOP/s bf16 "
+          f"peak) at MFU {flags.mfu:.2f}")
 
 
 def check_free_vram(config, flags: ModelInfoFlags, settings: dict) -> None:

@@ -118,6 +118,15 @@ run_pipeline() {
         stage preflight "$PRE_TRAIN_CHECK"
     fi
 
+    # the run's steps, tokens and (on a known GPU) expected training time, printed before training starts
+    local plan_flags=("${MODEL_FLAGS[@]}" --recipe="$RECIPE" --device_batch_size="$DEVICE_BATCH_SIZE"
+                      --total_batch_size="$BASE_TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS"
+                      --world_size=$((NPROC_PER_NODE * NNODES)))
+    if [ -n "$PARAM_DATA_RATIO" ]; then
+        plan_flags+=(--target_param_data_ratio="$PARAM_DATA_RATIO")
+    fi
+    python -m scripts.model_info "${plan_flags[@]}"
+
     local train=(--run="$WANDB_RUN" --model_tag="$MODEL_TAG")
     # shellcheck disable=SC2046  # resume_flag prints nothing or one word
     stage base_train launch scripts.base_train "${base_flags[@]}" "${train[@]}" --fp8="$FP8" \

@@ -54,7 +54,7 @@ def test_ittybitty_report(capsys):
     out = capsys.readouterr().out
     assert "8 heads" in out
     assert "parameters: 37,748,736 = embedding 12,582,912 + blocks 12,582,912 + lm_head 12,582,912" in out
-    assert "754,974,720 tokens = 1,440 steps" in out
+    assert "1,440 steps of 524,288 tokens = 754,974,720 tokens" in out
     assert "with activation checkpointing:" in out and "largest --device_batch_size that fits 24 GiB:" in out
 
 
@@ -62,6 +62,9 @@ def test_ittybitty_report(capsys):
     (["--vram_gb=0"], "--vram_gb must be > 0 or -1"),
     (["--depth=4", "--model_dim=500", "--num_heads=8", "--head_dim=64"], r"\(8 × 64 = 512\)"),
     (["--device_batch_size=0"], "--device_batch_size must be >= 1"),
+    (["--total_batch_size=0"], r"--total_batch_size must be >= 1 or -1 \(auto\)"),
+    (["--mfu=0"], r"--mfu must be in \(0, 1\]"),
+    (["--total_batch_size=-1", "--target_param_data_ratio=-1"], "need --target_param_data_ratio"),
 ])
 def test_bad_flags_name_the_fix(args, message):
     with pytest.raises(UserError, match=message):
@@ -88,3 +91,26 @@ def test_frontier_switches_in_the_report(capsys):
     # attention: 12 · 8 · 64 · (3 × 512 + 2048) instead of 12 · 8 · 64 · 4 × 2048
     flops = 6 * (12_583_104 + 12_582_912 + 24) + 12 * 8 * 64 * (3 * 512 + 2048)
     assert f"FLOPs per token (fwd+bwd): {flops:.4e}" in out
+
+
+def test_run_plan_matches_base_train_and_times_it_on_the_named_gpu(capsys):
+    """The speedrun's flags: model_info resolves the same steps and batch as base_train, and the time is FLOPs over
+    GPUs × peak × MFU."""
+    from nanochat.checkpoint import meta_model
+    from nanochat.flags import parse_flags
+    from nanochat.model_config import model_config
+    from scripts.base_train import BaseTrainFlags, batch_plan, ratio_param_count, resolve_num_iterations
+
+    run = ["--recipe=frontier", "--depth=24", "--target_param_data_ratio=8"]
+    main([*run, "--vocab_size=65536", "--world_size=8", "--gpu=H100", "--mfu=0.5"])
+    out = capsys.readouterr().out
+    flags = parse_flags(BaseTrainFlags, run)
+    model = meta_model(model_config(flags, 65536))
+    total = batch_plan(flags, model, 65536)[0]
+    flops = model.estimate_flops(2048)
+    steps, _ = resolve_num_iterations(flags, ratio_param_count(flags, model), flops, total)
+    assert f"run (--target_param_data_ratio 8, recipe frontier): {steps:,} steps of {total:,} tokens" in out
+    hours = flops * steps * total / (8 * 989e12 * 0.5) / 3600
+    assert f"expected training time: {hours:.2f} h on 8 × H100 (989 TFLOP/s bf16 peak) at MFU 0.50" in out
+    main(["--depth=2", "--vocab_size=1000", "--gpu=Mystery 9000"])
+    assert "expected time: unknown ('Mystery 9000' is not in the bf16 peak table" in capsys.readouterr().out
