@@ -13,6 +13,9 @@ on the same texts: the first 1500 characters of the first 300 val documents ("st
 steps), own val bpb and the common bpb per system, with ratios against the last --reference, and the load average
 before and after. Each system's own val bpb uses its own val rows and is not comparable; the common one is.
 
+`--ablate value_embeds,smear,...` (or `all`) also races the frontier recipe with one switch at a time turned back to
+its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys.
+
 A reference is karpathy/nanochat at any commit: its flag spelling (configurator `--x=1` before Feb 2026, argparse
 `--x-y` after) and data directory (`base_data`, later `base_data_climbmix`) are read from the checkout. Its
 dependencies go in a separate venv (--reference_python), e.g. `python -m venv ../refs/venv`, a .pth file pointing
@@ -42,6 +45,20 @@ SHAPE = dict(depth=4, model_dim=256, head_dim=128, max_seq_len=512, device_batch
 TOKENS_PER_STEP = 4096
 WARMUP_STEPS = 3
 START_CHARS, MIDDLE = 1500, (3000, 4500)
+# each frontier switch turned back to its 2025 value, for --ablate
+ABLATIONS = {
+    "value_embeds": ["--value_embeds=false"],
+    "windows": ["--window_pattern=L"],
+    "residual_scalars": ["--residual_scalars=false"],
+    "smear": ["--smear=false"],
+    "backout": ["--backout=false"],
+    "qk_scale": ["--qk_scale=1.0"],
+    "init": ["--init_scheme=2025"],
+    "polar_express": ["--muon_orthogonalizer=newton_schulz"],
+    "normuon": ["--muon_beta2=0"],
+    "weight_decay": ["--matrix_weight_decay=0"],
+    "schedule": ["--warmup_steps=-1", "--warmdown_ratio=0.2", "--final_lr_frac=0"],
+}
 
 
 @dataclass
@@ -52,6 +69,7 @@ class RaceFlags:
                                     "baseline of the ratios)")
     reference_python: str = flag("", "python of the references' venv; empty = this python")
     recipes: list[str] = flag(["2025", "frontier"], "our recipes to race")
+    ablate: list[str] = flag([], "frontier switches to turn off one at a time (ABLATIONS keys; all = every one)")
     vocab_size: int = flag(8192, "every system's tokenizer vocabulary")
     texts_per_set: int = flag(300, "val documents per common-bpb set (starts, middles); fewer only to try the "
                                    "harness out")
@@ -92,13 +110,23 @@ def race_texts(data: Path, count: int) -> dict[str, list[str]]:
             "middles": [d[MIDDLE[0]:MIDDLE[1]] for d in long_docs[:count]]}
 
 
-def ours(recipe: str, flags: RaceFlags, out: Path) -> System:
-    tag = f"race_{recipe}"
+def ours(recipe: str, flags: RaceFlags, out: Path, ablation: str = "") -> System:
+    tag = f"race_{recipe}" + (f"_no_{ablation}" if ablation else "")
     args = [f"--recipe={recipe}", *(f"--{k}={v}" for k, v in SHAPE.items()), f"--total_batch_size={TOKENS_PER_STEP}",
             f"--num_iterations={flags.steps}", f"--eval_every={flags.steps}", f"--eval_tokens={flags.eval_tokens}",
-            "--sample_every=-1", "--core_metric_every=-1", f"--model_tag={tag}", "--device_type=cpu"]
-    return System(f"ours {recipe}", "ours", sys.executable, REPO, out / "ours", tag, args,
-                  [f"--vocab_size={flags.vocab_size}"], "base_data", env={"PYTHONPATH": str(REPO)})
+            "--sample_every=-1", "--core_metric_every=-1", f"--model_tag={tag}", "--device_type=cpu",
+            *ABLATIONS.get(ablation, [])]
+    name = f"ours {recipe}" + (f" -{ablation}" if ablation else "")
+    return System(name, "ours", sys.executable, REPO, out / "ours", tag, args, [f"--vocab_size={flags.vocab_size}"],
+                  "base_data", env={"PYTHONPATH": str(REPO)})
+
+
+def ablations(names: list[str]) -> list[str]:
+    names = list(ABLATIONS) if names == ["all"] else names
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown:
+        raise UserError(f"--ablate {','.join(unknown)}: unknown; choose from {', '.join(ABLATIONS)} or all")
+    return names
 
 
 def reference(path: Path, flags: RaceFlags, out: Path) -> System:
@@ -173,11 +201,11 @@ def report(systems: list[System], flags: RaceFlags, loads: tuple[str, str]) -> s
     lines = [f"race: {flags.steps} steps × {TOKENS_PER_STEP} tokens, d4/256/128, T=512, vocab {flags.vocab_size}; "
              f"common bpb on {flags.texts_per_set} document starts / {flags.texts_per_set} middles; ratios against "
              f"{systems[-1].name}; load average before {loads[0]}, after {loads[1]}",
-             f"{'system':<18} {'tok/s':>8} {'×':>6} {'own bpb':>8} {'starts':>8} {'×':>6} {'middles':>8} {'×':>6} "
+             f"{'system':<32} {'tok/s':>8} {'×':>6} {'own bpb':>8} {'starts':>8} {'×':>6} {'middles':>8} {'×':>6} "
              f"{'train':>7}"]
     for s in systems:
         r = s.result
-        lines.append(f"{s.name:<18} {r['tok_per_s']:>8.0f} {r['tok_per_s'] / base['tok_per_s']:>6.3f} "
+        lines.append(f"{s.name:<32} {r['tok_per_s']:>8.0f} {r['tok_per_s'] / base['tok_per_s']:>6.3f} "
                      f"{r['own_bpb']:>8.4f} {r['starts']:>8.4f} {r['starts'] / base['starts']:>6.3f} "
                      f"{r['middles']:>8.4f} {r['middles'] / base['middles']:>6.3f} {r['train_s'] / 60:>6.1f}m")
     return "\n".join(lines)
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     texts_path = out / "texts.json"
     texts_path.write_text(json.dumps(race_texts(data, flags.texts_per_set)))
-    systems = [ours(recipe, flags, out) for recipe in flags.recipes]
+    systems = [ours("frontier", flags, out, ablation) for ablation in ablations(flags.ablate)]
+    systems += [ours(recipe, flags, out) for recipe in flags.recipes]
     systems += [reference(Path(path).resolve(), flags, out) for path in flags.reference]
     before = load_average()
     for system in systems:

@@ -240,3 +240,18 @@ def test_race_takes_repeated_references():
     flags = parse_flags(RaceFlags, ["--reference", "old", "--reference", "new", "--recipes", "frontier"])
     assert flags.reference == ["old", "new"] and flags.recipes == ["frontier"]
     assert parse_flags(RaceFlags, []).recipes == ["2025", "frontier"]
+
+
+def test_race_ablations_each_turn_frontier_switches_back_to_2025():
+    from dataclasses import asdict
+
+    from bench.race import ABLATIONS, ablations
+
+    frontier, old = asdict(parse_flags(BaseTrainFlags, ["--recipe=frontier"])), asdict(parse_flags(BaseTrainFlags, []))
+    for name, args in ABLATIONS.items():
+        ablated = asdict(parse_flags(BaseTrainFlags, ["--recipe=frontier", *args]))
+        changed = {key for key in ablated if ablated[key] != frontier[key]}
+        assert len(changed) == len(args) and all(ablated[key] == old[key] for key in changed), name
+    assert ablations(["all"]) == list(ABLATIONS)
+    with pytest.raises(UserError, match="--ablate smeer: unknown; choose from value_embeds"):
+        ablations(["smeer"])
