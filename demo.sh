@@ -24,6 +24,7 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-demo}"
 : "${MODEL_DIM:=128}"
 : "${HEAD_DIM:=64}"
 : "${MAX_SEQ_LEN:=256}"
+: "${PACKING:=continue}"      # the demo corpus is a few very long texts: crop would keep only their first rows
 : "${DEVICE_BATCH_SIZE:=16}"
 : "${TOTAL_BATCH_SIZE:=$((DEVICE_BATCH_SIZE * MAX_SEQ_LEN))}"
 : "${BASE_ITERS:=320}"

@@ -17,6 +17,7 @@
 : "${RECIPE:=2025}"                 # base_train --recipe: 2025 | frontier (nanochat/recipes.py)
 : "${BASE_TOTAL_BATCH_SIZE:=$TOTAL_BATCH_SIZE}"   # -1 = derived from the run length (needs a param:data ratio)
 : "${PARAM_DATA_RATIO:=}"           # empty = the recipe's tokens per parameter
+: "${PACKING:=crop}"                # base_train --packing: crop | continue (docs/benchmarks.md)
 : "${FP8:=0}"                       # base_train --fp8: 1 | 0 | none (on when an H100-class GPU and torchao are present)
 : "${BASE_ITERS:=-1}"               # -1 = from the param:data ratio
 : "${BASE_EVAL_EVERY:=250}"
@@ -79,7 +80,8 @@ run_pipeline() {
 
     # base_train's run length and data: shard_plan derives the shard count from the same flags
     local base_flags=("${MODEL_FLAGS[@]}" --data_source="$DATA_SOURCE" --device_batch_size="$DEVICE_BATCH_SIZE"
-                      --recipe="$RECIPE" --total_batch_size="$BASE_TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS")
+                      --recipe="$RECIPE" --total_batch_size="$BASE_TOTAL_BATCH_SIZE" --num_iterations="$BASE_ITERS"
+                      --packing="$PACKING")
     if [ -n "$PARAM_DATA_RATIO" ]; then
         base_flags+=(--target_param_data_ratio="$PARAM_DATA_RATIO")
     fi

@@ -47,7 +47,9 @@ def tag_dir(base, tag):
 
 @pytest.mark.slow
 def test_loss_falls_on_real_shards_and_checkpoint_loads(base, capsys):
-    main([*RUN_ARGS, "--model_tag=learn", "--num_iterations=30", "--eval_every=15", "--sample_every=30"])
+    # continue packing: at T=32 crop would train on nothing but the first 32 tokens of the shortest documents
+    main([*RUN_ARGS, "--model_tag=learn", "--num_iterations=30", "--eval_every=15", "--sample_every=30",
+          "--packing=continue"])
     out = capsys.readouterr().out
     losses = read_losses(tag_dir(base, "learn") / "train_log.jsonl")
     assert sorted(losses) == list(range(1, 31))

@@ -118,7 +118,7 @@ def test_speedrun_on_two_torchrun_ranks_end_to_end_then_rerun_skips(tmp_path, mi
         assert re.search(rf"^prefetch: {re.escape(name)} \(.*\): [1-9][\d,]*$", output[:base_train_at], re.M), name
     assert re.search(r"^== \[chat_sft\] launch scripts\.chat_sft .*--offline", output, re.M)
     plan = re.search(r"^plan: 6 steps \(--num_iterations\) × 512 = 3,072 tokens; ([\d,]+) tokens per climbmix "
-                     r"train shard \(measured, --packing continue\) -> (\d+) train shards", output, re.M)
+                     r"train shard \(measured, --packing crop\) -> (\d+) train shards", output, re.M)
     assert plan, output[-4000:]
     assert int(plan.group(2)) == math.ceil(3072 * 1.1 / int(plan.group(1).replace(",", "")))
     shards = sorted(p.name for p in (base_dir / "base_data" / "climbmix").glob("shard_*.parquet"))
