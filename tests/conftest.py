@@ -1,12 +1,19 @@
 """Fixtures every test file may use: an isolated base dir, the shared real data, a loopback file server."""
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.http_fixtures import FileServer
+
+# A suite started in the background by a non-interactive shell (`bash tests/run.sh &` in a script, nohup) inherits
+# SIGINT ignored, and so would every process it starts; the Ctrl-C tests need Ctrl-C delivered. A handler (unlike
+# SIG_IGN) is reset to the default in children, so this restores it for them too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
