@@ -288,11 +288,12 @@ class OptimFlags:
             super().__post_init__()
 
 
-def adamw_groups(model, groups: dict, flags: OptimFlags, lr_scale: float, muon_gates: list) -> list[dict]:
+def adamw_groups(model, groups: dict, flags: OptimFlags, lr_scale: float, gate_lr_scale: float,
+                 muon_gates: list) -> list[dict]:
     """AdamW param groups. shared: the lm_head (tied: the one shared matrix) at the unembedding LR, embeddings
     (input and value) at the embedding LR, every vector and gate at the lm_head's LR. per_group (nanochat 2026):
     own betas and decay per group, value embeddings at half the embedding LR, the residual scales at 1% of
-    --scalar_lr, the x0 blends with beta1 0.96, the smear/backout gates at a fixed 0.2."""
+    --scalar_lr, the x0 blends with beta1 0.96, the smear/backout gates at a fixed 0.2 × `gate_lr_scale`."""
     width = (model.config.model_dim / 768) ** -0.5
     unembedding, embedding = flags.unembedding_lr * lr_scale * width, flags.embedding_lr * lr_scale * width
     scalar = unembedding if flags.scalar_lr == -1 else flags.scalar_lr * lr_scale
@@ -312,25 +313,29 @@ def adamw_groups(model, groups: dict, flags: OptimFlags, lr_scale: float, muon_g
         {"params": groups["value_embeds"], "lr": embedding * 0.5, "betas": (0.8, 0.995), "weight_decay": 0.01},
         {"params": groups["resid_lambdas"], "lr": scalar * 0.01, "betas": (0.8, 0.95), "weight_decay": 0.05},
         {"params": groups["x0_lambdas"], "lr": scalar, "betas": (0.96, 0.95), "weight_decay": 0.0},
-        {"params": gates, "lr": 0.2 * lr_scale, "betas": (0.8, 0.95), "weight_decay": 0.0},
+        {"params": gates, "lr": 0.2 * gate_lr_scale, "betas": (0.8, 0.95), "weight_decay": 0.0},
         {"params": groups["norm_gains"], "lr": unembedding, "betas": (0.8, 0.95), "weight_decay": 0.0},
     ]
     return [group for group in result if group["params"]]
 
 
 def setup_optimizers(model, flags: OptimFlags | None = None, lr_scale: float = 1.0,
-                     matrix_weight_decay: float | None = None) -> list[torch.optim.Optimizer]:
+                     matrix_weight_decay: float | None = None,
+                     gate_lr_scale: float | None = None) -> list[torch.optim.Optimizer]:
     """[AdamW (embeddings, lm_head, vectors and gates), Muon (block matrices)] over `model.param_groups()`,
     every LR × `lr_scale` (batch-size scaling in base_train, --init_lr_frac in the chat stages). AdamW LRs also
     scale as (model_dim / 768)^-0.5 so the defaults tuned at width 768 carry over to other widths.
-    `matrix_weight_decay` overrides the flag's (base_train scales it with the batch size and run length)."""
+    `matrix_weight_decay` overrides the flag's (base_train scales it with the batch size and run length).
+    `gate_lr_scale` (default `lr_scale`) scales per_group's fixed smear/backout gate LR: nanochat 2026 exempts it
+    from the batch-size scaling but not from --init_lr_frac."""
     flags = flags or OptimFlags()
     groups = model.param_groups()
     # per_group follows nanochat 2026, where the value gates sit among the block matrices, in Muon
     block_params = {id(p) for p in model.blocks.parameters()}
     muon_gates = [p for p in groups["gates"] if p.ndim == 2 and id(p) in block_params] \
         if flags.adamw_groups == "per_group" else []
-    adamw = AdamW(adamw_groups(model, groups, flags, lr_scale, muon_gates), betas=(0.8, 0.95), eps=1e-10,
+    gate_lr_scale = lr_scale if gate_lr_scale is None else gate_lr_scale
+    adamw = AdamW(adamw_groups(model, groups, flags, lr_scale, gate_lr_scale, muon_gates), betas=(0.8, 0.95), eps=1e-10,
                   weight_decay=flags.weight_decay)
     decay = flags.matrix_weight_decay if matrix_weight_decay is None else matrix_weight_decay
     muon = Muon(groups["matrices"] + muon_gates, lr=flags.matrix_lr * lr_scale, momentum=flags.muon_momentum,

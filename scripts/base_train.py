@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         print0(f"fp8: {enable_fp8(model, dist.device)} linear layers in float8")
     warn_if_data_repeats(tokenizer, flags, num_iterations * total_batch, seq_len, dist.is_master)
 
-    optimizers = setup_optimizers(model, flags, lr_scale, matrix_decay)
+    optimizers = setup_optimizers(model, flags, lr_scale, matrix_decay, gate_lr_scale=1.0)
     batches = PretrainLoader(tokenizer, flags.device_batch_size, seq_len, "train", dist.device, dist.rank,
                              dist.world_size, doc_mask=flags.doc_mask, directory=data_dir(flags.data_source),
                              packing=flags.packing)

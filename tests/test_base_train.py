@@ -210,6 +210,11 @@ def test_resume_is_bit_exact_under_each_recipe(base, recipe):
     assert sorted(resumed) == list(range(1, 7)) and resumed == straight
     meta = json.loads((tag_dir(base, f"exact_{recipe}") / "step_000006" / "meta.json").read_text())
     assert meta["flags"]["recipe"] == recipe and meta["total_batch_size"] == 256
+    if recipe == "frontier":  # LRs × √(256 / 2^19), except the smear/backout gates' fixed 0.2 (nanochat 2026)
+        adamw, muon = torch.load(tag_dir(base, "exact_frontier") / "step_000006" / "optim_rank0.pt",
+                                 weights_only=True)
+        assert 0.2 in [group["initial_lr"] for group in adamw["param_groups"]]
+        assert muon["param_groups"][0]["initial_lr"] == pytest.approx(FRONTIER["matrix_lr"] * (256 / 2 ** 19) ** 0.5)
 
 
 def test_resume_refuses_another_recipe(base):
