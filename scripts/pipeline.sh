@@ -14,7 +14,7 @@
 : "${MAX_SEQ_LEN:=2048}"
 : "${DEVICE_BATCH_SIZE:=32}"
 : "${TOTAL_BATCH_SIZE:=524288}"     # mid-training's tokens per step (and base_train's unless BASE_TOTAL_BATCH_SIZE)
-: "${RECIPE:=2025}"                 # base_train --recipe: 2025 | frontier (nanochat/recipes.py)
+: "${RECIPE:=frontier}"             # base_train --recipe: frontier | 2025 (nanochat/recipes.py)
 : "${BASE_TOTAL_BATCH_SIZE:=$TOTAL_BATCH_SIZE}"   # -1 = derived from the run length (needs a param:data ratio)
 : "${PARAM_DATA_RATIO:=}"           # empty = the recipe's tokens per parameter
 : "${PACKING:=crop}"                # base_train --packing: crop | continue (docs/benchmarks.md)

@@ -49,7 +49,7 @@ def test_checkpointing_saves_memory_and_largest_batch_is_tight():
 
 
 def test_ittybitty_report(capsys):
-    main(["--depth=4", "--model_dim=512", "--head_dim=64", "--vocab_size=24576", "--vram_gb=24",
+    main(["--recipe=2025", "--depth=4", "--model_dim=512", "--head_dim=64", "--vocab_size=24576", "--vram_gb=24",
           "--target_param_data_ratio=20", "--total_batch_size=524288"])
     out = capsys.readouterr().out
     assert "8 heads" in out
