@@ -70,6 +70,8 @@ class RaceFlags:
     reference_python: str = flag("", "python of the references' venv; empty = this python")
     recipes: list[str] = flag(["2025", "frontier"], "our recipes to race")
     ablate: list[str] = flag([], "frontier switches to turn off one at a time (ABLATIONS keys; all = every one)")
+    seeds: list[int] = flag([], "more --seed values for each of our recipes: the run-to-run spread that any "
+                                "difference must exceed")
     vocab_size: int = flag(8192, "every system's tokenizer vocabulary")
     texts_per_set: int = flag(300, "val documents per common-bpb set (starts, middles); fewer only to try the "
                                    "harness out")
@@ -110,13 +112,14 @@ def race_texts(data: Path, count: int) -> dict[str, list[str]]:
             "middles": [d[MIDDLE[0]:MIDDLE[1]] for d in long_docs[:count]]}
 
 
-def ours(recipe: str, flags: RaceFlags, out: Path, ablation: str = "") -> System:
-    tag = f"race_{recipe}" + (f"_no_{ablation}" if ablation else "")
+def ours(recipe: str, flags: RaceFlags, out: Path, ablation: str = "", seed: int | None = None) -> System:
+    suffix = (f"_no_{ablation}" if ablation else "") + (f"_seed{seed}" if seed is not None else "")
+    tag = f"race_{recipe}{suffix}"
     args = [f"--recipe={recipe}", *(f"--{k}={v}" for k, v in SHAPE.items()), f"--total_batch_size={TOKENS_PER_STEP}",
             f"--num_iterations={flags.steps}", f"--eval_every={flags.steps}", f"--eval_tokens={flags.eval_tokens}",
             "--sample_every=-1", "--core_metric_every=-1", f"--model_tag={tag}", "--device_type=cpu",
-            *ABLATIONS.get(ablation, [])]
-    name = f"ours {recipe}" + (f" -{ablation}" if ablation else "")
+            *ABLATIONS.get(ablation, []), *([f"--seed={seed}"] if seed is not None else [])]
+    name = f"ours {recipe}" + (f" -{ablation}" if ablation else "") + (f" seed {seed}" if seed is not None else "")
     return System(name, "ours", sys.executable, REPO, out / "ours", tag, args, [f"--vocab_size={flags.vocab_size}"],
                   "base_data", env={"PYTHONPATH": str(REPO)})
 
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     texts_path.write_text(json.dumps(race_texts(data, flags.texts_per_set)))
     systems = [ours("frontier", flags, out, ablation) for ablation in ablations(flags.ablate)]
     systems += [ours(recipe, flags, out) for recipe in flags.recipes]
+    systems += [ours(recipe, flags, out, seed=seed) for recipe in flags.recipes for seed in flags.seeds]
     systems += [reference(Path(path).resolve(), flags, out) for path in flags.reference]
     before = load_average()
     for system in systems:

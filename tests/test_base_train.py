@@ -251,6 +251,17 @@ def test_race_takes_repeated_references():
     assert parse_flags(RaceFlags, []).recipes == ["2025", "frontier"]
 
 
+def test_race_seeds_add_runs_that_differ_only_in_seed(tmp_path):
+    from bench.race import RaceFlags, ours
+
+    flags = parse_flags(RaceFlags, ["--seeds", "1", "2"])
+    assert flags.seeds == [1, 2]
+    plain, seeded = ours("frontier", flags, tmp_path), ours("frontier", flags, tmp_path, seed=1)
+    assert seeded.name == "ours frontier seed 1" and seeded.tag == "race_frontier_seed1"
+    assert seeded.train_args == [*(a.replace(plain.tag, seeded.tag) for a in plain.train_args), "--seed=1"]
+    assert parse_flags(BaseTrainFlags, seeded.train_args).seed == 1
+
+
 def test_race_ablations_each_turn_frontier_switches_back_to_2025():
     from dataclasses import asdict
 
