@@ -275,3 +275,21 @@ def test_race_ablations_each_turn_frontier_switches_back_to_2025():
     assert ablations(["all"]) == list(ABLATIONS)
     with pytest.raises(UserError, match="--ablate smeer: unknown; choose from value_embeds"):
         ablations(["smeer"])
+
+
+def test_fidelity_maps_every_frontier_parameter_and_measures_the_update_gap():
+    from bench.fidelity import SHAPE_ARGS, VOCAB_SIZE, FidelityFlags, update_differences
+    from bench.fidelity_ref import reference_name
+
+    with pytest.raises(UserError, match=r"--reference PATH is required"):
+        parse_flags(FidelityFlags, [])
+    model = meta_model(model_config(parse_flags(BaseTrainFlags, SHAPE_ARGS), VOCAB_SIZE))
+    names = [name for name, _ in model.named_parameters()]
+    mapped = [reference_name(name) for name in names]  # karpathy/nanochat's GPT state-dict keys
+    assert len(set(mapped)) == len(names) and "transformer.wte.weight" in mapped and "lm_head.weight" in mapped
+    assert "transformer.h.1.attn.ve_gate.weight" in mapped and "transformer.h.0.mlp.c_fc.weight" in mapped
+    start = {"w": torch.zeros(3)}
+    rows = update_differences(start, {"w": torch.tensor([1.0, 2.0, 2.0])}, {"w": torch.tensor([1.0, 2.0, 2.0])})
+    assert rows == [("w", 3.0, 0.0)]
+    assert update_differences(start, {"w": torch.tensor([0.0, 0.0, 0.0])}, {"w": torch.tensor([0.0, 3.0, 4.0])}
+                              )[0][2] == pytest.approx(1.0)
