@@ -14,7 +14,9 @@ steps), own val bpb and the common bpb per system, with ratios against the last 
 before and after. Each system's own val bpb uses its own val rows and is not comparable; the common one is.
 
 `--ablate value_embeds,smear,...` (or `all`) also races the frontier recipe with one switch at a time turned back to
-its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys.
+its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys. `--seeds 1 2` races
+each recipe again under those seeds: the run-to-run spread a difference must exceed. Step-level agreement with a
+reference (same weights, batches and LRs) is bench/fidelity.py's job.
 
 A reference is karpathy/nanochat at any commit: its flag spelling (configurator `--x=1` before Feb 2026, argparse
 `--x-y` after) and data directory (`base_data`, later `base_data_climbmix`) are read from the checkout. Its
