@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.race import REPO, SHAPE, TOKENS_PER_STEP, RaceFlags
 from nanochat.checkpoint import create_model
 from nanochat.common import UserError
 from nanochat.flags import flag, parse_flags, run_main
@@ -35,10 +36,10 @@ from nanochat.model_config import model_config
 from nanochat.optim import setup_optimizers
 from scripts.base_train import BaseTrainFlags, batch_plan
 
-REPO = Path(__file__).resolve().parent.parent
-VOCAB_SIZE = 8192
-SHAPE_ARGS = ["--recipe=frontier", "--depth=4", "--model_dim=256", "--head_dim=128", "--max_seq_len=512",
-              "--device_batch_size=8", "--total_batch_size=4096", "--num_iterations=1000"]
+VOCAB_SIZE = RaceFlags.vocab_size
+# the race's shape and batch; 1000 steps only sets the token horizon the Muon weight decay is scaled by
+SHAPE_ARGS = ["--recipe=frontier", *(f"--{k}={v}" for k, v in SHAPE.items()), f"--total_batch_size={TOKENS_PER_STEP}",
+              "--num_iterations=1000"]
 MOMENTUM = 0.95
 
 
