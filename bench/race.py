@@ -60,6 +60,7 @@ ABLATIONS = {
     "normuon": ["--muon_beta2=0"],
     "weight_decay": ["--matrix_weight_decay=0"],
     "schedule": ["--warmup_steps=-1", "--warmdown_ratio=0.2", "--final_lr_frac=0"],
+    "lr_floor": ["--batch_lr_floor=0"],  # the public record's LR rule unfloored: its hyperparameters exactly
 }
 
 

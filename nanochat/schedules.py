@@ -83,10 +83,11 @@ def auto_batch_size(tokens: float, reference_tokens: float, reference_batch: int
     return 2 ** round(math.log2(reference_batch * (tokens / reference_tokens) ** 0.383))
 
 
-def batch_scaling(batch: int, tokens: float, reference_tokens: float,
+def batch_scaling(batch: int, tokens: float, reference_tokens: float, floor_batch: int = 0,
                   reference_batch: int = REFERENCE_BATCH) -> tuple[float, float]:
     """(LR factor, weight-decay factor) for `batch` tokens per step over a run of `tokens`: LR ∝ sqrt(B/B_ref)
-    (the AdamW rule, used for Muon too), and decay chosen to keep B/(η·λ·D) constant (arXiv:2405.13698), which
-    with that LR rule gives λ ∝ sqrt(B/B_ref) · D_ref/D."""
+    (the AdamW rule, used for Muon too), batches below `floor_batch` getting that batch's factor, and decay
+    chosen to keep B/(η·λ·D) constant (arXiv:2405.13698): above the floor, λ ∝ sqrt(B/B_ref) · D_ref/D."""
     ratio = batch / reference_batch
-    return ratio ** 0.5, ratio ** 0.5 * reference_tokens / tokens
+    lr = (max(batch, floor_batch) / reference_batch) ** 0.5
+    return lr, ratio / lr * reference_tokens / tokens

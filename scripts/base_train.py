@@ -45,6 +45,9 @@ class BaseTrainFlags(DataSourceFlags, ModelFlags, OptimFlags, TrainFlags):
     # Optimization
     batch_lr_scaling: bool = flag(False, "scale LRs by sqrt(batch / 2^19) and --matrix_weight_decay to keep "
                                          "B/(LR·decay·tokens) at d12's value")
+    batch_lr_floor: int = flag(0, "with --batch_lr_scaling, a batch below this many tokens gets this batch's LR "
+                                  "factor, not a smaller one (the public record measured the rule at 2^19 and 2^20 "
+                                  "only); the decay still keeps B/(LR·decay·tokens); 0 = no floor")
     warmup_steps: int = flag(-1, "steps of linear LR warm-up; -1 = round(--warmup_ratio × steps)")
     warmup_ratio: float = flag(0.0, "fraction of steps with a linear LR warm-up (when --warmup_steps is -1)")
     warmdown_ratio: float = flag(0.2, "fraction of steps at the end with a linear LR decay")
@@ -70,6 +73,8 @@ class BaseTrainFlags(DataSourceFlags, ModelFlags, OptimFlags, TrainFlags):
         for name in ("sample_every", "core_metric_every"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise UserError(f"--{name} must be >= 1 or -1 (off), got {getattr(self, name)}")
+        if self.batch_lr_floor < 0:
+            raise UserError(f"--batch_lr_floor must be >= 0 tokens (0 = no floor), got {self.batch_lr_floor}")
         if self.eval_tokens < 1:
             raise UserError(f"--eval_tokens must be >= 1, got {self.eval_tokens}")
         if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
@@ -104,7 +109,7 @@ def batch_plan(flags: BaseTrainFlags, model, vocab_size: int) -> tuple[int, floa
     """(total batch in tokens, LR factor, Muon weight decay), the last two scaled with --batch_lr_scaling."""
     total, lr_scale, decay = resolved_total_batch(flags, model, vocab_size), 1.0, flags.matrix_weight_decay
     if flags.batch_lr_scaling:
-        lr_scale, decay_scale = batch_scaling(total, *token_horizon(flags, model, vocab_size))
+        lr_scale, decay_scale = batch_scaling(total, *token_horizon(flags, model, vocab_size), flags.batch_lr_floor)
         decay *= decay_scale
     return total, lr_scale, decay
 

@@ -212,11 +212,11 @@ def test_resume_is_bit_exact_under_each_recipe(base, recipe):
     assert sorted(resumed) == list(range(1, 7)) and resumed == straight
     meta = json.loads((tag_dir(base, f"exact_{recipe}") / "step_000006" / "meta.json").read_text())
     assert meta["flags"]["recipe"] == recipe and meta["total_batch_size"] == 256
-    if recipe == "frontier":  # LRs × √(256 / 2^19), except the smear/backout gates' fixed 0.2 (nanochat 2026)
+    if recipe == "frontier":  # LRs × √(2^18 / 2^19) (the floor), except the smear/backout gates' fixed 0.2
         adamw, muon = torch.load(tag_dir(base, "exact_frontier") / "step_000006" / "optim_rank0.pt",
                                  weights_only=True)
         assert 0.2 in [group["initial_lr"] for group in adamw["param_groups"]]
-        assert muon["param_groups"][0]["initial_lr"] == pytest.approx(FRONTIER["matrix_lr"] * (256 / 2 ** 19) ** 0.5)
+        assert muon["param_groups"][0]["initial_lr"] == pytest.approx(FRONTIER["matrix_lr"] * 0.5 ** 0.5)
 
 
 def test_resume_refuses_another_recipe(base):
@@ -236,8 +236,13 @@ def test_auto_batch_follows_the_horizon(base, capsys):
     d12 = meta_model(model_config(replace(flags, depth=12, model_dim=-1, num_heads=-1, num_kv_heads=-1), 320))
     ratio = ratio_param_count(flags, model) / ratio_param_count(flags, d12)
     assert total == 2 ** round(19 + 0.383 * math.log2(ratio))
-    assert lr_scale == pytest.approx((total / 2 ** 19) ** 0.5)
-    assert decay == pytest.approx(0.28 * (total / 2 ** 19) ** 0.5 / ratio)
+    floor = FRONTIER["batch_lr_floor"]
+    assert total < floor and lr_scale == pytest.approx((floor / 2 ** 19) ** 0.5)
+    assert decay == pytest.approx(0.28 * (total / 2 ** 19) / lr_scale / ratio)
+    unfloored = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe=frontier", "--total_batch_size=-1",
+                                             "--batch_lr_floor=0"])
+    assert batch_plan(unfloored, model, 320) == (total, pytest.approx((total / 2 ** 19) ** 0.5),
+                                                 pytest.approx(0.28 * (total / 2 ** 19) ** 0.5 / ratio))
     explicit = parse_flags(BaseTrainFlags, [*RUN_ARGS, "--recipe=frontier"])  # RUN_ARGS has 256: it wins
     assert batch_plan(explicit, model, 320)[0] == 256
     assert batch_plan(parse_flags(BaseTrainFlags, list(RUN_ARGS)), model, 320) == (256, 1.0, 0.0)

@@ -120,6 +120,10 @@ def test_auto_batch_size_and_batch_scaling():
     assert auto_batch_size(reference / 100, reference) == 2 ** 16
     lr_scale, decay_scale = batch_scaling(2 ** 20, 2 * reference, reference)
     assert lr_scale == pytest.approx(2 ** 0.5) and decay_scale == pytest.approx(2 ** 0.5 / 2)
+    assert batch_scaling(2 ** 20, 2 * reference, reference, floor_batch=2 ** 18) == (lr_scale, decay_scale)
+    # below the floor the LR keeps the floor's factor and the decay shrinks so LR × decay is unchanged
+    lr_scale, decay_scale = batch_scaling(2 ** 12, reference, reference, floor_batch=2 ** 18)
+    assert lr_scale == pytest.approx(0.5 ** 0.5) and lr_scale * decay_scale == pytest.approx(2 ** -7)
 
 
 def test_frontier_groups_cover_every_parameter_once():
