@@ -19,7 +19,8 @@ Architecture choices:
   residual subtracted before the final norm); a QK scale after QK-norm; the newer initialisation; embeddings
   stored in the compute dtype. Attention kernels live in nanochat/attention.py.
 - the loss is computed in row chunks, recomputing each chunk's logits in backward, so a large vocab never
-  materialises the whole (B, T, vocab) float32 logits tensor
+  materialises the whole (B, T, vocab) float32 logits tensor; compiled training on CPU fuses the lm_head into
+  the loss instead (nanochat/fused_loss.py)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import KVCache, attend
+from nanochat.fused_loss import fused_linear_cross_entropy
 from nanochat.model_config import GPTConfig
 
 # Logits elements (rows × padded vocab) per loss chunk: 2**26 float32 = 256 MiB at most at a time.
@@ -340,26 +342,32 @@ class GPT(nn.Module):
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(x), targets, ignore_index=-1, reduction="none")
 
+    def chunked_token_losses(self, flat_x: torch.Tensor, flat_targets: torch.Tensor) -> torch.Tensor:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // self.config.padded_vocab_size)
+        if flat_x.size(0) <= chunk_rows:
+            return self.token_losses(flat_x, flat_targets)
+        recompute = torch.is_grad_enabled()
+        pieces = []
+        for i in range(0, flat_x.size(0), chunk_rows):
+            xs, ts = flat_x[i:i + chunk_rows], flat_targets[i:i + chunk_rows]
+            pieces.append(checkpoint(self.token_losses, xs, ts, use_reentrant=False) if recompute
+                          else self.token_losses(xs, ts))
+        return torch.cat(pieces)
+
     def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None, loss_reduction: str = "mean"):
         x = self.hidden_states(idx, doc_ids, kv_cache)
         if targets is None:
             return self.logits(x)
         B, T = targets.shape
         flat_x, flat_targets = x.reshape(B * T, -1), targets.reshape(B * T)
-        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // self.config.padded_vocab_size)
-        if flat_x.size(0) <= chunk_rows:
-            losses = self.token_losses(flat_x, flat_targets)
-        else:
-            recompute = torch.is_grad_enabled()
-            pieces = []
-            for i in range(0, flat_x.size(0), chunk_rows):
-                xs, ts = flat_x[i:i + chunk_rows], flat_targets[i:i + chunk_rows]
-                pieces.append(checkpoint(self.token_losses, xs, ts, use_reentrant=False) if recompute
-                              else self.token_losses(xs, ts))
-            losses = torch.cat(pieces)
         if loss_reduction == "none":
-            return losses.view(B, T)
-        total = losses.sum()
+            return self.chunked_token_losses(flat_x, flat_targets).view(B, T)
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and torch.is_grad_enabled():
+            # compiled CPU training: the lm_head fused into the loss (nanochat/fused_loss.py)
+            total = fused_linear_cross_entropy(flat_x, self.lm_head.weight[:self.config.vocab_size], flat_targets,
+                                               self.config.softcap)
+        else:
+            total = self.chunked_token_losses(flat_x, flat_targets).sum()
         if loss_reduction == "sum":
             return total
         # clamp: a micro-batch with every target ignored contributes 0, not NaN
