@@ -7,7 +7,7 @@ Only base_train has `--recipe`; a checkpoint records the recipe and every resolv
 """
 from __future__ import annotations
 
-# frontier leads at the d4/1000-step race and in the public record at scale; 2025 still leads 200-step runs
+# frontier leads the d4 race at 200 and 1000 steps, and the public record at scale
 DEFAULT_RECIPE = "frontier"
 
 # nanochat 2026 (karpathy/nanochat master, dev/LOG.md and dev/LEADERBOARD.md; many ideas from modded-nanogpt)
@@ -42,9 +42,10 @@ FRONTIER = {
     "final_lr_frac": 0.05,
     "total_batch_size": -1,
     "batch_lr_scaling": True,
-    # not in the record: its sqrt(B/2^19) LR rule was measured at 2^19 and 2^20 and its auto batch never goes
-    # below 2^18 (d8), so smaller batches keep 2^18's factor; at d4/4096 tokens per step the record's rule gives
-    # LRs × 0.088, and this floor is 13 % better in bpb at 200 steps and ... at 1000 (docs/benchmarks.md)
+    # not in the record: its sqrt(B/2^19) LR rule is anchored at 2^19 (d12's best batch) and its auto batch never
+    # goes below 2^18 (d8), so smaller batches keep 2^18's factor (every record configuration is unchanged); at
+    # d4/4096 tokens per step the rule gives LRs × 0.088, and the floor is 14 % better in common bpb at 1000
+    # steps and 17 % at 200 (docs/benchmarks.md, the race)
     "batch_lr_floor": 2 ** 18,
     # ~10.5 tokens per block-matrix + lm_head parameter: the compute-optimal ratio of nanochat's Jan 2026 scaling
     # fits on FineWeb-EDU (its code now says 12, re-fit on ClimbMix; the GPT-2 speedrun overtrains d24 at 8)

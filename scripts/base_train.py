@@ -46,8 +46,8 @@ class BaseTrainFlags(DataSourceFlags, ModelFlags, OptimFlags, TrainFlags):
     batch_lr_scaling: bool = flag(False, "scale LRs by sqrt(batch / 2^19) and --matrix_weight_decay to keep "
                                          "B/(LR·decay·tokens) at d12's value")
     batch_lr_floor: int = flag(0, "with --batch_lr_scaling, a batch below this many tokens gets this batch's LR "
-                                  "factor, not a smaller one (the public record measured the rule at 2^19 and 2^20 "
-                                  "only); the decay still keeps B/(LR·decay·tokens); 0 = no floor")
+                                  "factor, not a smaller one (the public record's batches go down to 2^18 only); the "
+                                  "decay still keeps B/(LR·decay·tokens); 0 = no floor")
     warmup_steps: int = flag(-1, "steps of linear LR warm-up; -1 = round(--warmup_ratio × steps)")
     warmup_ratio: float = flag(0.0, "fraction of steps with a linear LR warm-up (when --warmup_steps is -1)")
     warmdown_ratio: float = flag(0.2, "fraction of steps at the end with a linear LR decay")
