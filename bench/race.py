@@ -13,7 +13,7 @@ on the same texts: the first 1500 characters of the first 300 val documents ("st
 steps), own val bpb and the common bpb per system, with ratios against the last --reference, and the load average
 before and after. Each system's own val bpb uses its own val rows and is not comparable; the common one is.
 
-`--ablate value_embeds,smear,...` (or `all`) also races the frontier recipe with one switch at a time turned back to
+`--ablate value_embeds smear ...` (or `all`) also races the frontier recipe with one switch at a time turned back to
 its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys. `--seeds 1 2` races
 each recipe again under those seeds: the run-to-run spread a difference must exceed. Step-level agreement with a
 reference (same weights, batches and LRs) is bench/fidelity.py's job.
