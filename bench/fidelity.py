@@ -38,8 +38,8 @@ from scripts.base_train import BaseTrainFlags, batch_plan
 
 VOCAB_SIZE = RaceFlags.vocab_size
 # the race's shape and batch; 1000 steps only sets the token horizon the Muon weight decay is scaled by
-SHAPE_ARGS = ["--recipe=frontier", "--batch_lr_floor=0", *(f"--{k}={v}" for k, v in SHAPE.items()), f"--total_batch_size={TOKENS_PER_STEP}",
-              "--num_iterations=1000"]
+SHAPE_ARGS = ["--recipe=frontier", "--batch_lr_floor=0", *(f"--{k}={v}" for k, v in SHAPE.items()),
+              f"--total_batch_size={TOKENS_PER_STEP}", "--num_iterations=1000"]
 MOMENTUM = 0.95
 
 
