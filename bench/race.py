@@ -15,8 +15,10 @@ before and after. Each system's own val bpb uses its own val rows and is not com
 
 `--ablate value_embeds smear ...` (or `all`) also races the frontier recipe with one switch at a time turned back to
 its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys. `--seeds 1 2` races
-each recipe again under those seeds: the run-to-run spread a difference must exceed. Step-level agreement with a
-reference (same weights, batches and LRs) is bench/fidelity.py's job.
+each recipe and ablation again under those seeds: the run-to-run spread a difference must exceed.
+`--reference_seeds 1 2` does the same for the references, whose seed is written into their code: bench/reseed.py
+adds each offset to every torch seed they set. Step-level agreement with a reference (same weights, batches and
+LRs) is bench/fidelity.py's job.
 
 A reference is karpathy/nanochat at any commit: its flag spelling (configurator `--x=1` before Feb 2026, argparse
 `--x-y` after) and data directory (`base_data`, later `base_data_climbmix`) are read from the checkout. Its
@@ -43,6 +45,7 @@ from nanochat.flags import flag, parse_flags, run_main
 REPO = Path(__file__).resolve().parent.parent
 SHARED_PRETRAIN = REPO.parent / "shared" / "data" / "pretrain"  # ../shared/data/pretrain beside the checkout
 EVALUATOR = REPO / "bench" / "race_eval.py"
+RESEED = REPO / "bench" / "reseed.py"
 SHAPE = dict(depth=4, model_dim=256, head_dim=128, max_seq_len=512, device_batch_size=8)
 TOKENS_PER_STEP = 4096
 WARMUP_STEPS = 3
@@ -73,8 +76,9 @@ class RaceFlags:
     reference_python: str = flag("", "python of the references' venv; empty = this python")
     recipes: list[str] = flag(["2025", "frontier"], "our recipes to race")
     ablate: list[str] = flag([], "frontier switches to turn off one at a time (ABLATIONS keys; all = every one)")
-    seeds: list[int] = flag([], "more --seed values for each of our recipes: the run-to-run spread that any "
-                                "difference must exceed")
+    seeds: list[int] = flag([], "more --seed values for each of our recipes and ablations: the run-to-run spread "
+                                "that any difference must exceed")
+    reference_seeds: list[int] = flag([], "race each reference again with these offsets added to its torch seeds")
     vocab_size: int = flag(8192, "every system's tokenizer vocabulary")
     texts_per_set: int = flag(300, "val documents per common-bpb set (starts, middles); fewer only to try the "
                                    "harness out")
@@ -94,6 +98,7 @@ class System:
     train_args: list[str]
     tokenizer_args: list[str]
     data_subdir: str
+    train_command: list[str] = field(default_factory=lambda: ["-m", "scripts.base_train"])
     env: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)
 
@@ -135,14 +140,15 @@ def ablations(names: list[str]) -> list[str]:
     return names
 
 
-def reference(path: Path, flags: RaceFlags, out: Path) -> System:
+def reference(path: Path, flags: RaceFlags, out: Path, seed_offset: int | None = None) -> System:
     script = path / "scripts" / "base_train.py"
     if not script.is_file():
         raise UserError(f"{script} not found; --reference must be a checkout of karpathy/nanochat")
     dashed = "--device-batch-size" in script.read_text()
     settings = dict(depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=TOKENS_PER_STEP,
                     num_iterations=flags.steps, eval_every=flags.steps, eval_tokens=flags.eval_tokens,
-                    core_metric_every=-1, sample_every=-1, model_tag="race")
+                    core_metric_every=-1, sample_every=-1,
+                    model_tag="race" + (f"_seed{seed_offset}" if seed_offset is not None else ""))
     if dashed:  # argparse era: the shape flags exist (older checkouts derive width 64·depth and heads of 128)
         settings.update(aspect_ratio=64, head_dim=128)
     spell = (lambda k: k.replace("_", "-")) if dashed else (lambda k: k)
@@ -151,9 +157,12 @@ def reference(path: Path, flags: RaceFlags, out: Path) -> System:
     commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or path.name
     python = flags.reference_python or sys.executable
-    return System(f"nanochat {commit}", "nanochat", python, path, out / f"nanochat_{commit}", "race",
+    name, command = f"nanochat {commit}", ["-m", "scripts.base_train"]
+    if seed_offset is not None:
+        name, command = f"{name} seed+{seed_offset}", [str(RESEED), str(seed_offset), "scripts.base_train"]
+    return System(name, "nanochat", python, path, out / f"nanochat_{commit}", settings["model_tag"],
                   [f"--{spell(k)}={v}" for k, v in settings.items()], [f"--{spell('vocab_size')}={flags.vocab_size}"],
-                  data_subdir, env={"PYTHONPATH": str(path)})
+                  data_subdir, train_command=command, env={"PYTHONPATH": str(path)})
 
 
 def run(system: System, module_or_script: list[str], log_name: str) -> str:
@@ -182,7 +191,7 @@ def prepare(system: System, data: Path) -> None:
 
 def train(system: System) -> None:
     started = time.time()
-    output = run(system, ["-m", "scripts.base_train", *system.train_args], "base_train.log")
+    output = run(system, [*system.train_command, *system.train_args], f"base_train_{system.tag}.log")
     system.result["train_s"] = time.time() - started
     if system.kind == "ours":
         log = system.base_dir / "base_checkpoints" / system.tag / "train_log.jsonl"
@@ -198,7 +207,7 @@ def train(system: System) -> None:
 
 def evaluate(system: System, texts_path: Path) -> None:
     output = run(system, [str(EVALUATOR), "--system", system.kind, "--texts", str(texts_path), "--tag", system.tag],
-                 "race_eval.log")
+                 f"race_eval_{system.tag}.log")
     system.result.update(json.loads(output.strip().splitlines()[-1]))
 
 
@@ -217,6 +226,18 @@ def report(systems: list[System], flags: RaceFlags, loads: tuple[str, str]) -> s
     return "\n".join(lines)
 
 
+def lineup(flags: RaceFlags, out: Path) -> list[System]:
+    """Every system in racing order; the last is the plain last reference, the baseline of the ratios."""
+    systems = [ours("frontier", flags, out, ablation) for ablation in ablations(flags.ablate)]
+    systems += [ours(recipe, flags, out) for recipe in flags.recipes]
+    systems += [ours(recipe, flags, out, seed=seed) for recipe in flags.recipes for seed in flags.seeds]
+    systems += [ours("frontier", flags, out, ablation, seed) for ablation in ablations(flags.ablate)
+                for seed in flags.seeds]
+    references = [Path(path).resolve() for path in flags.reference]
+    systems += [reference(path, flags, out, offset) for path in references for offset in flags.reference_seeds]
+    return systems + [reference(path, flags, out) for path in references]
+
+
 def main(argv: list[str] | None = None) -> None:
     flags = parse_flags(RaceFlags, argv)
     if flags.steps <= WARMUP_STEPS:
@@ -225,10 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     texts_path = out / "texts.json"
     texts_path.write_text(json.dumps(race_texts(data, flags.texts_per_set)))
-    systems = [ours("frontier", flags, out, ablation) for ablation in ablations(flags.ablate)]
-    systems += [ours(recipe, flags, out) for recipe in flags.recipes]
-    systems += [ours(recipe, flags, out, seed=seed) for recipe in flags.recipes for seed in flags.seeds]
-    systems += [reference(Path(path).resolve(), flags, out) for path in flags.reference]
+    systems = lineup(flags, out)
     before = load_average()
     for system in systems:
         prepare(system, data)

@@ -267,6 +267,46 @@ def test_race_seeds_add_runs_that_differ_only_in_seed(tmp_path):
     assert parse_flags(BaseTrainFlags, seeded.train_args).seed == 1
 
 
+def test_race_seeds_every_ablation_and_reference_and_keeps_the_plain_reference_last(tmp_path):
+    from bench.race import RESEED, RaceFlags, lineup
+
+    checkout = tmp_path / "nanochat-new"  # a karpathy/nanochat checkout as far as the race reads one
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "nanochat").mkdir()
+    (checkout / "scripts" / "base_train.py").write_text('parser.add_argument("--device-batch-size")\n')
+    (checkout / "nanochat" / "dataset.py").write_text('DATA_DIR = "base_data_climbmix"\n')
+    flags = parse_flags(RaceFlags, ["--recipes", "frontier", "--ablate", "lr_floor", "--seeds", "1",
+                                    "--reference", str(checkout), "--reference_seeds", "2"])
+    systems = lineup(flags, tmp_path / "out")
+    assert [s.name for s in systems] == ["ours frontier -lr_floor", "ours frontier", "ours frontier seed 1",
+                                         "ours frontier -lr_floor seed 1", "nanochat nanochat-new seed+2",
+                                         "nanochat nanochat-new"]
+    assert "--batch_lr_floor=0" in systems[3].train_args and "--seed=1" in systems[3].train_args
+    seeded, plain = systems[-2:]
+    assert seeded.base_dir == plain.base_dir and (seeded.tag, plain.tag) == ("race_seed2", "race")
+    assert seeded.train_command == [str(RESEED), "2", "scripts.base_train"]
+    assert plain.train_command == ["-m", "scripts.base_train"] and "--model-tag=race_seed2" in seeded.train_args
+
+
+def test_reseed_adds_its_offset_to_every_torch_seed_a_module_sets(tmp_path):
+    from bench.race import RESEED
+
+    (tmp_path / "reference_scripts").mkdir()  # not `scripts`: ours is importable here and would shadow it
+    (tmp_path / "reference_scripts" / "train.py").write_text(
+        "import sys, torch\ntorch.manual_seed(42)\nprint(torch.initial_seed(), sys.argv[1:], torch.rand(1).item())\n")
+
+    def run(*launcher):
+        return subprocess.run([sys.executable, *launcher, "reference_scripts.train", "--x=1"], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.split(maxsplit=1)
+
+    assert run(str(RESEED), "0") == run("-m")
+    seed, rest = run(str(RESEED), "1")
+    assert seed == "43" and rest.startswith("['--x=1']") and rest != run("-m")[1]
+    refused = subprocess.run([sys.executable, str(RESEED), "one", "reference_scripts.train"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.strip().startswith("usage: python bench/reseed.py OFFSET")
+
+
 def test_race_ablations_each_turn_frontier_switches_back_to_2025():
     from dataclasses import asdict
 
