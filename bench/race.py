@@ -15,10 +15,10 @@ before and after. Each system's own val bpb uses its own val rows and is not com
 
 `--ablate value_embeds smear ...` (or `all`) also races the frontier recipe with one switch at a time turned back to
 its 2025 value (ABLATIONS), before the recipes: the ablation table of what each switch buys. `--seeds 1 2` races
-each recipe and ablation again under those seeds: the run-to-run spread a difference must exceed.
-`--reference_seeds 1 2` does the same for the references, whose seed is written into their code: bench/reseed.py
-adds each offset to every torch seed they set. Step-level agreement with a reference (same weights, batches and
-LRs) is bench/fidelity.py's job.
+each recipe and ablation under each of those seeds instead of the trainer's default one: the run-to-run spread a
+difference must exceed. `--reference_seeds 1 2` does the same for the references, whose seed is written into their
+code: bench/reseed.py adds each offset to every torch seed they set (0 = as written). Step-level agreement with a
+reference (same weights, batches and LRs) is bench/fidelity.py's job.
 
 A reference is karpathy/nanochat at any commit: its flag spelling (configurator `--x=1` before Feb 2026, argparse
 `--x-y` after) and data directory (`base_data`, later `base_data_climbmix`) are read from the checkout. Its
@@ -76,9 +76,10 @@ class RaceFlags:
     reference_python: str = flag("", "python of the references' venv; empty = this python")
     recipes: list[str] = flag(["2025", "frontier"], "our recipes to race")
     ablate: list[str] = flag([], "frontier switches to turn off one at a time (ABLATIONS keys; all = every one)")
-    seeds: list[int] = flag([], "more --seed values for each of our recipes and ablations: the run-to-run spread "
-                                "that any difference must exceed")
-    reference_seeds: list[int] = flag([], "race each reference again with these offsets added to its torch seeds")
+    seeds: list[int] = flag([], "--seed values to race each of our recipes and ablations under (the run-to-run "
+                                "spread any difference must exceed); empty = base_train's default")
+    reference_seeds: list[int] = flag([], "offsets added to each reference's torch seeds, one run each; empty = its "
+                                          "seeds as written")
     vocab_size: int = flag(8192, "every system's tokenizer vocabulary")
     texts_per_set: int = flag(300, "val documents per common-bpb set (starts, middles); fewer only to try the "
                                    "harness out")
@@ -141,6 +142,7 @@ def ablations(names: list[str]) -> list[str]:
 
 
 def reference(path: Path, flags: RaceFlags, out: Path, seed_offset: int | None = None) -> System:
+    """The checkout as written, or (a non-zero `seed_offset`) with every torch seed it sets moved by the offset."""
     script = path / "scripts" / "base_train.py"
     if not script.is_file():
         raise UserError(f"{script} not found; --reference must be a checkout of karpathy/nanochat")
@@ -148,7 +150,7 @@ def reference(path: Path, flags: RaceFlags, out: Path, seed_offset: int | None =
     settings = dict(depth=4, max_seq_len=512, device_batch_size=8, total_batch_size=TOKENS_PER_STEP,
                     num_iterations=flags.steps, eval_every=flags.steps, eval_tokens=flags.eval_tokens,
                     core_metric_every=-1, sample_every=-1,
-                    model_tag="race" + (f"_seed{seed_offset}" if seed_offset is not None else ""))
+                    model_tag=f"race_seed{seed_offset}" if seed_offset else "race")
     if dashed:  # argparse era: the shape flags exist (older checkouts derive width 64·depth and heads of 128)
         settings.update(aspect_ratio=64, head_dim=128)
     spell = (lambda k: k.replace("_", "-")) if dashed else (lambda k: k)
@@ -158,7 +160,7 @@ def reference(path: Path, flags: RaceFlags, out: Path, seed_offset: int | None =
                             text=True).stdout.strip() or path.name
     python = flags.reference_python or sys.executable
     name, command = f"nanochat {commit}", ["-m", "scripts.base_train"]
-    if seed_offset is not None:
+    if seed_offset:
         name, command = f"{name} seed+{seed_offset}", [str(RESEED), str(seed_offset), "scripts.base_train"]
     return System(name, "nanochat", python, path, out / f"nanochat_{commit}", settings["model_tag"],
                   [f"--{spell(k)}={v}" for k, v in settings.items()], [f"--{spell('vocab_size')}={flags.vocab_size}"],
@@ -227,15 +229,12 @@ def report(systems: list[System], flags: RaceFlags, loads: tuple[str, str]) -> s
 
 
 def lineup(flags: RaceFlags, out: Path) -> list[System]:
-    """Every system in racing order; the last is the plain last reference, the baseline of the ratios."""
-    systems = [ours("frontier", flags, out, ablation) for ablation in ablations(flags.ablate)]
-    systems += [ours(recipe, flags, out) for recipe in flags.recipes]
-    systems += [ours(recipe, flags, out, seed=seed) for recipe in flags.recipes for seed in flags.seeds]
-    systems += [ours("frontier", flags, out, ablation, seed) for ablation in ablations(flags.ablate)
-                for seed in flags.seeds]
-    references = [Path(path).resolve() for path in flags.reference]
-    systems += [reference(path, flags, out, offset) for path in references for offset in flags.reference_seeds]
-    return systems + [reference(path, flags, out) for path in references]
+    """Every system in racing order; the last (the last reference's last seed) is the baseline of the ratios."""
+    seeds, offsets = flags.seeds or [None], flags.reference_seeds or [None]
+    systems = [ours("frontier", flags, out, ablation, seed) for ablation in ablations(flags.ablate) for seed in seeds]
+    systems += [ours(recipe, flags, out, seed=seed) for recipe in flags.recipes for seed in seeds]
+    return systems + [reference(Path(path).resolve(), flags, out, offset) for path in flags.reference
+                      for offset in offsets]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -267,7 +267,7 @@ def test_race_seeds_add_runs_that_differ_only_in_seed(tmp_path):
     assert parse_flags(BaseTrainFlags, seeded.train_args).seed == 1
 
 
-def test_race_seeds_every_ablation_and_reference_and_keeps_the_plain_reference_last(tmp_path):
+def test_race_seeds_every_ablation_recipe_and_reference(tmp_path):
     from bench.race import RESEED, RaceFlags, lineup
 
     checkout = tmp_path / "nanochat-new"  # a karpathy/nanochat checkout as far as the race reads one
@@ -275,13 +275,16 @@ def test_race_seeds_every_ablation_and_reference_and_keeps_the_plain_reference_l
     (checkout / "nanochat").mkdir()
     (checkout / "scripts" / "base_train.py").write_text('parser.add_argument("--device-batch-size")\n')
     (checkout / "nanochat" / "dataset.py").write_text('DATA_DIR = "base_data_climbmix"\n')
-    flags = parse_flags(RaceFlags, ["--recipes", "frontier", "--ablate", "lr_floor", "--seeds", "1",
-                                    "--reference", str(checkout), "--reference_seeds", "2"])
+    flags = parse_flags(RaceFlags, ["--recipes", "frontier", "--ablate", "lr_floor", "--seeds", "1", "3",
+                                    "--reference", str(checkout), "--reference_seeds", "2", "0"])
     systems = lineup(flags, tmp_path / "out")
-    assert [s.name for s in systems] == ["ours frontier -lr_floor", "ours frontier", "ours frontier seed 1",
-                                         "ours frontier -lr_floor seed 1", "nanochat nanochat-new seed+2",
-                                         "nanochat nanochat-new"]
-    assert "--batch_lr_floor=0" in systems[3].train_args and "--seed=1" in systems[3].train_args
+    assert [s.name for s in systems] == ["ours frontier -lr_floor seed 1", "ours frontier -lr_floor seed 3",
+                                         "ours frontier seed 1", "ours frontier seed 3",
+                                         "nanochat nanochat-new seed+2", "nanochat nanochat-new"]
+    assert "--batch_lr_floor=0" in systems[1].train_args and "--seed=3" in systems[1].train_args
+    unseeded = lineup(parse_flags(RaceFlags, ["--reference", str(checkout)]), tmp_path / "out")
+    assert [s.name for s in unseeded] == ["ours 2025", "ours frontier", "nanochat nanochat-new"]
+    assert not any(arg.startswith("--seed") for arg in unseeded[0].train_args)
     seeded, plain = systems[-2:]
     assert seeded.base_dir == plain.base_dir and (seeded.tag, plain.tag) == ("race_seed2", "race")
     assert seeded.train_command == [str(RESEED), "2", "scripts.base_train"]
