@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nanochat import download
+from nanochat.checkpoint import complete_steps, step_dir
 from nanochat.flags import parse_flags
 from tests.http_fixtures import FileServer
 from tests.pipeline_mirror import build_mirror, mirror_env
@@ -83,8 +84,9 @@ def run_script(script: str, env: dict[str, str]) -> str:
 
 
 def newest_step(base_dir: Path, stage_dir: str, tag: str = "d1") -> Path | None:
-    steps = sorted((base_dir / stage_dir / tag).glob("step_*/meta.json"))
-    return steps[-1].parent if steps else None
+    """The newest complete checkpoint: a `step_N.tmp/` being written already holds meta.json before its rename."""
+    steps = complete_steps(base_dir / stage_dir / tag)
+    return step_dir(base_dir / stage_dir / tag, steps[-1]) if steps else None
 
 
 def assert_finished(base_dir: Path, output: str) -> None:
