@@ -256,7 +256,7 @@ def test_race_takes_repeated_references():
     assert parse_flags(RaceFlags, []).recipes == ["2025", "frontier"]
 
 
-def test_race_seeds_add_runs_that_differ_only_in_seed(tmp_path):
+def test_race_seeded_runs_differ_only_in_seed(tmp_path):
     from bench.race import RaceFlags, ours
 
     flags = parse_flags(RaceFlags, ["--seeds", "1", "2"])
